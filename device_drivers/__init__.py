@@ -1,0 +1,1 @@
+"""scgw device_drivers package."""

@@ -1,0 +1,163 @@
+"""The device-facing MQTT protocol of CONTRACT.md section 1: topics and payloads.
+
+Pure parsing and encoding. Bytes from a device are untrusted: every parser returns either
+a typed request or a `Malformed` that says what was wrong and, when it could be read, whom
+to answer (the request id), so the shell can reply `malformed_request` and count it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+DEVICE_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+CREDENTIAL_TYPES = ("qr", "ble", "card")
+MAX_PAYLOAD_BYTES = 64 * 1024
+MAX_ID_LEN = 128
+MAX_CREDENTIAL_LEN = 512
+
+# Channels a device publishes on, relative to {root}/devices/{device}/.
+INBOUND_CHANNELS = (
+    "status",
+    "access/request",
+    "payment/request",
+    "payment/batch",
+    "telemetry",
+    "event",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    type: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRequest:
+    request_id: str
+    credential: Credential
+    ts: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    problem: str
+    reply_id: str | None = None  # the request_id / txn_id / batch_id when it could be read
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    device_id: str
+    channel: str
+
+
+def device_topic(root: str, device_id: str, channel: str) -> str:
+    return f"{root}/devices/{device_id}/{channel}"
+
+
+def subscriptions(root: str) -> list[str]:
+    return [f"{root}/devices/+/{channel}" for channel in INBOUND_CHANNELS]
+
+
+def parse_topic(root: str, topic: str) -> Topic | None:
+    prefix = f"{root}/devices/"
+    if not topic.startswith(prefix):
+        return None
+    device_id, _, channel = topic[len(prefix) :].partition("/")
+    if not DEVICE_ID_RE.fullmatch(device_id) or channel not in INBOUND_CHANNELS:
+        return None
+    return Topic(device_id, channel)
+
+
+def load_object(payload: bytes) -> dict[str, Any] | Malformed:
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return Malformed(f"payload larger than {MAX_PAYLOAD_BYTES} bytes")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return Malformed(f"not UTF-8 JSON: {exc}")
+    if not isinstance(data, dict):
+        return Malformed("payload must be a JSON object")
+    return data
+
+
+def read_id(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN:
+        return value
+    return None
+
+
+def read_credential(data: dict[str, Any]) -> Credential | str:
+    """The credential object, or a description of what is wrong with it."""
+    raw = data.get("credential")
+    if not isinstance(raw, dict):
+        return "credential must be an object {type, value}"
+    kind, value = raw.get("type"), raw.get("value")
+    if kind not in CREDENTIAL_TYPES:
+        return f"credential.type must be one of {list(CREDENTIAL_TYPES)}"
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_CREDENTIAL_LEN:
+        return "credential.value must be a non-empty string"
+    return Credential(kind, value)
+
+
+def read_ts(data: dict[str, Any], key: str = "ts") -> float | None | str:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return f"{key} must be a number (Unix seconds)"
+    return float(value)
+
+
+def parse_access_request(payload: bytes) -> AccessRequest | Malformed:
+    data = load_object(payload)
+    if isinstance(data, Malformed):
+        return data
+    request_id = read_id(data, "request_id")
+    if request_id is None:
+        return Malformed("request_id must be a non-empty string")
+    credential = read_credential(data)
+    if isinstance(credential, str):
+        return Malformed(credential, request_id)
+    ts = read_ts(data)
+    if isinstance(ts, str):
+        return Malformed(ts, request_id)
+    return AccessRequest(request_id, credential, ts)
+
+
+def encode(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decision_payload(
+    request_id: str,
+    *,
+    granted: bool,
+    action: str,
+    duration_s: int,
+    floors: list[int] | None,
+    reason: str | None,
+    ts: float,
+) -> bytes:
+    return encode(
+        {
+            "request_id": request_id,
+            "granted": granted,
+            "action": action,
+            "duration_s": duration_s if granted else 0,
+            "floors": floors,
+            "reason": reason,
+            "ts": ts,
+        }
+    )
+
+
+def denial_payload(request_id: str, reason: str, ts: float) -> bytes:
+    return decision_payload(
+        request_id, granted=False, action="none", duration_s=0, floors=None, reason=reason, ts=ts
+    )

@@ -1,0 +1,1 @@
+"""scgw rules package."""

@@ -1,0 +1,1 @@
+"""scgw simulators package."""
