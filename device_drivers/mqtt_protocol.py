@@ -105,7 +105,7 @@ def read_credential(data: dict[str, Any]) -> Credential | str:
     return Credential(kind, value)
 
 
-def read_ts(data: dict[str, Any], key: str = "ts") -> float | None | str:
+def read_ts(data: dict[str, Any], key: str = "ts") -> float | str | None:
     value = data.get(key)
     if value is None:
         return None

@@ -47,7 +47,8 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s} s") from None
+                message = f"nothing listens on {host}:{port} after {timeout_s} s"
+                raise TimeoutError(message) from None
             time.sleep(0.05)
 
 

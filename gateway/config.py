@@ -9,7 +9,6 @@ Secrets (broker password, JWT signing key) come only from the environment
 from __future__ import annotations
 
 import os
-
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal

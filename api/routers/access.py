@@ -1,0 +1,103 @@
+"""Residents' access: a QR for the phone's screen, remote gate unlock, elevator call.
+
+Remote actions run through the same access rules as a credential at the reader, so the
+API can never open what the resident's card could not.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from aiomqtt import MqttError
+from fastapi import APIRouter, HTTPException, status
+from pydantic import BaseModel, Field
+
+from api.auth import Ctx, Resident
+from device_drivers.mqtt_protocol import device_topic, encode
+
+router = APIRouter(prefix="/api/v1", tags=["access"])
+
+
+class AccessTokenOut(BaseModel):
+    qr: str
+    expires_at: float
+    credential_id: str
+
+
+class CommandAccepted(BaseModel):
+    command_id: str
+    device_id: str
+    action: str
+    floor: int | None = None
+
+
+class CallFloorIn(BaseModel):
+    floor: int = Field(ge=-20, le=300)
+
+
+@router.post("/me/access-token", response_model=AccessTokenOut)
+async def access_token(ctx: Ctx, user: Resident) -> AccessTokenOut:
+    assert user.resident_id is not None
+    issued = ctx.access.issue_qr(user.resident_id, time.time())
+    if issued is None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, detail="no active phone credential is enrolled for you"
+        )
+    qr, expires_at, credential_id = issued
+    return AccessTokenOut(qr=qr, expires_at=expires_at, credential_id=credential_id)
+
+
+def _device(ctx: Ctx, device_id: str, kind: str) -> None:
+    device = ctx.config.device(device_id)
+    if device is None or device.kind != kind:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no {kind} named {device_id!r}")
+
+
+async def _send(ctx: Ctx, device_id: str, command: dict[str, object]) -> str:
+    command_id = f"c-{secrets.token_hex(8)}"
+    topic = device_topic(ctx.config.mqtt.root, device_id, "command")
+    try:
+        await ctx.publish(topic, encode({"command_id": command_id, **command}))
+    except MqttError:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, detail="the device network is unreachable"
+        ) from None
+    return command_id
+
+
+@router.post(
+    "/gates/{device_id}/unlock",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=CommandAccepted,
+)
+async def unlock_gate(ctx: Ctx, user: Resident, device_id: str) -> CommandAccepted:
+    _device(ctx, device_id, "gate")
+    assert user.resident_id is not None
+    decision = ctx.access.check_remote(user.resident_id, device_id, time.time())
+    if not decision.granted:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=decision.reason)
+    duration = decision.duration_s
+    command_id = await _send(ctx, device_id, {"action": "unlock", "duration_s": duration})
+    return CommandAccepted(command_id=command_id, device_id=device_id, action="unlock")
+
+
+@router.post(
+    "/elevators/{device_id}/call",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=CommandAccepted,
+)
+async def call_elevator(
+    ctx: Ctx, user: Resident, device_id: str, body: CallFloorIn
+) -> CommandAccepted:
+    _device(ctx, device_id, "elevator")
+    assert user.resident_id is not None
+    decision = ctx.access.check_remote(user.resident_id, device_id, time.time())
+    if not decision.granted:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=decision.reason)
+    if body.floor not in (decision.floors or ()):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="not_permitted")
+    command_id = await _send(ctx, device_id, {"action": "call_floor", "floor": body.floor})
+    return CommandAccepted(
+        command_id=command_id, device_id=device_id, action="call_floor", floor=body.floor
+    )

@@ -1,0 +1,118 @@
+"""The `scgw` command line (CONTRACT.md section 6)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from gateway.config import ConfigError, load_config
+
+app = typer.Typer(help="scgw: the smart-community edge gateway.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+err = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+
+
+ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="Site YAML file.")]
+
+
+@app.command("check-config")
+def check_config(path: Annotated[Path, typer.Argument(help="Site YAML file.")]) -> None:
+    """Validate a site file; print every problem with its key, line and what was expected."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        err.print(f"[red]{exc.source}: {len(exc.problems)} problem(s)[/red]")
+        for problem in exc.problems:
+            err.print(f"  {problem}", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    typer.echo(
+        f"{path}: OK (site {config.site.id}, {len(config.buildings)} buildings, "
+        f"{len(config.devices)} devices)"
+    )
+
+
+@app.command()
+def run(
+    config_path: ConfigPath = Path("site.yaml"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the gateway until SIGTERM or Ctrl-C."""
+    from gateway.runtime import Gateway, run_until_signal
+
+    _setup_logging(verbose)
+    try:
+        gateway = Gateway(load_config(config_path))
+    except ConfigError as exc:
+        err.print(f"[red]cannot start: {exc}[/red]", highlight=False)
+        raise typer.Exit(2) from None
+    asyncio.run(run_until_signal(gateway))
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path, typer.Option(help="Where demo.json and the database go.")] = Path(
+        ".demo"
+    ),
+    port: Annotated[int, typer.Option(help="API port (0 picks a free one).")] = 8000,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (default: run until Ctrl-C).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """A whole virtual community on this machine: broker, simulators, gateway, API."""
+    from gateway.demo import run_demo
+
+    _setup_logging(verbose)
+    asyncio.run(run_demo(data_dir, port, duration))
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    database_url: Annotated[
+        str | None, typer.Option(envvar="SCGW__DATABASE__URL", help="SQLAlchemy URL.")
+    ] = None,
+    config_path: Annotated[Path | None, typer.Option("--config", "-c")] = None,
+) -> None:
+    """Create or migrate the database schema to the latest revision."""
+    from gateway.store import db
+
+    url = database_url or (load_config(config_path).database.url if config_path else None)
+    if url is None:
+        err.print("give --database-url, SCGW__DATABASE__URL or --config")
+        raise typer.Exit(2)
+    db.upgrade(url)
+    typer.echo(f"schema at {db.current_revision(url)}")
+
+
+def _mount_subcommands() -> None:
+    """Sub-apps owned by their features (canteen, audit, import)."""
+    from gateway.audit_cli import app as audit_app
+    from gateway.import_cli import app as import_app
+    from gateway.ledger.cli import app as canteen_app
+
+    app.add_typer(canteen_app, name="canteen")
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(import_app, name="import")
+
+
+try:
+    _mount_subcommands()
+except ImportError:  # TEMP until features land
+    pass
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,250 @@
+"""Routes device messages from MQTT to the core and answers the device.
+
+This is the shell around the pure decisions: it parses (device_drivers.mqtt_protocol),
+asks the access service, publishes the answer, records the audit entry and counts what
+went wrong. Access decisions are answered inline (microseconds); payments go to the
+ledger's worker so a slow disk never delays a gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from device_drivers import mqtt_protocol as proto
+from gateway.config import DeviceConfig
+from gateway.events import Reading, TelemetryBus
+from gateway.metrics import Registry
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+class Decision(Protocol):
+    @property
+    def granted(self) -> bool: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def floors(self) -> tuple[int, ...] | list[int] | None: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def duration_s(self) -> int: ...
+
+
+class AccessDecider(Protocol):
+    def decide(self, device_id: str, credential_type: str, value: str, now: float) -> Any: ...
+
+
+class PaymentSink(Protocol):
+    """The canteen side: takes a raw payment/batch message and answers it asynchronously."""
+
+    async def handle(self, device: DeviceConfig, channel: str, payload: bytes) -> None: ...
+
+
+class DecisionObserver(Protocol):
+    def record(self, device: DeviceConfig, decision: Any, now: float) -> None: ...
+
+
+@dataclass
+class DeviceState:
+    online: bool | None = None
+    last_seen: float | None = None
+    last_seq: int | None = None
+    seq_gaps: int = 0
+
+
+def register_metrics(metrics: Registry) -> None:
+    metrics.counter("scgw_mqtt_messages_total", "Device messages received, by channel.")
+    metrics.counter("scgw_mqtt_errors_total", "Device messages refused, by channel and error.")
+    metrics.counter("scgw_access_decisions_total", "Access decisions, by reader kind and result.")
+    metrics.counter("scgw_telemetry_readings_total", "Telemetry readings accepted.")
+    metrics.counter("scgw_telemetry_duplicates_total", "Telemetry readings dropped as repeats.")
+    metrics.counter("scgw_telemetry_gaps_total", "Telemetry sequence gaps seen.")
+    metrics.counter("scgw_device_events_total", "Device events, by type class.")
+
+
+class DeviceRouter:
+    def __init__(
+        self,
+        *,
+        root: str,
+        devices: dict[str, DeviceConfig],
+        access: AccessDecider,
+        publish: Publish,
+        metrics: Registry,
+        bus: TelemetryBus,
+        payments: PaymentSink | None = None,
+        observer: DecisionObserver | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._root = root
+        self.devices = devices
+        self._access = access
+        self._publish = publish
+        self._metrics = metrics
+        self._bus = bus
+        self._payments = payments
+        self._observer = observer
+        self._clock = clock
+        self.state: dict[str, DeviceState] = {d: DeviceState() for d in devices}
+        register_metrics(metrics)
+
+    def _error(self, channel: str, error: str) -> None:
+        self._metrics.inc("scgw_mqtt_errors_total", channel=channel, error=error)
+
+    async def on_message(self, topic: str, payload: bytes) -> None:
+        parsed = proto.parse_topic(self._root, topic)
+        if parsed is None:
+            if not topic.endswith("/status"):
+                self._error("unknown", "bad_topic")
+            return
+        channel = parsed.channel
+        self._metrics.inc("scgw_mqtt_messages_total", channel=channel)
+        device = self.devices.get(parsed.device_id)
+        if device is None:
+            await self._unknown_device(parsed, payload)
+            return
+        state = self.state[device.device_id]
+        state.last_seen = self._clock()
+        try:
+            if channel == "access/request":
+                await self._access_request(device, payload)
+            elif channel in ("payment/request", "payment/batch"):
+                await self._payment(device, channel, payload)
+            elif channel == "telemetry":
+                self._telemetry(device, state, payload)
+            elif channel == "status":
+                self._status(state, payload)
+            elif channel == "event":
+                self._event(device, payload)
+        except Exception:
+            # A bug in one handler must not take the connection (and every gate) down.
+            log.exception("error handling %s from %s", channel, device.device_id)
+            self._error(channel, "internal")
+
+    async def _unknown_device(self, parsed: proto.Topic, payload: bytes) -> None:
+        self._error(parsed.channel, "unknown_device")
+        log.warning("message on %s from unknown device %r", parsed.channel, parsed.device_id)
+        if parsed.channel == "access/request":
+            request = proto.parse_access_request(payload)
+            reply_id = request.reply_id if isinstance(request, proto.Malformed) else (
+                request.request_id
+            )
+            if reply_id is not None:
+                topic = proto.device_topic(self._root, parsed.device_id, "access/decision")
+                await self._publish(
+                    topic, proto.denial_payload(reply_id, "malformed_request", self._clock())
+                )
+
+    async def _access_request(self, device: DeviceConfig, payload: bytes) -> None:
+        now = self._clock()
+        reply_topic = proto.device_topic(self._root, device.device_id, "access/decision")
+        request = proto.parse_access_request(payload)
+        if isinstance(request, proto.Malformed):
+            self._error("access/request", "malformed")
+            log.warning("malformed access request from %s: %s", device.device_id, request.problem)
+            if request.reply_id is not None:
+                await self._publish(
+                    reply_topic, proto.denial_payload(request.reply_id, "malformed_request", now)
+                )
+            return
+        cred = request.credential
+        decision = self._access.decide(device.device_id, cred.type, cred.value, now)
+        floors = list(decision.floors) if decision.floors is not None else None
+        await self._publish(
+            reply_topic,
+            proto.decision_payload(
+                request.request_id,
+                granted=decision.granted,
+                action=decision.action,
+                duration_s=decision.duration_s,
+                floors=floors,
+                reason=decision.reason,
+                ts=now,
+            ),
+        )
+        result = "granted" if decision.granted else str(decision.reason)
+        self._metrics.inc("scgw_access_decisions_total", kind=device.kind, result=result)
+        if self._observer is not None:
+            self._observer.record(device, decision, now)
+
+    async def _payment(self, device: DeviceConfig, channel: str, payload: bytes) -> None:
+        if self._payments is None or device.kind != "canteen":
+            self._error(channel, "not_a_canteen_terminal")
+            return
+        await self._payments.handle(device, channel, payload)
+
+    def _telemetry(self, device: DeviceConfig, state: DeviceState, payload: bytes) -> None:
+        data = proto.load_object(payload)
+        if isinstance(data, proto.Malformed):
+            self._error("telemetry", "malformed")
+            return
+        raw_readings = data.get("readings", [data])
+        if not isinstance(raw_readings, list):
+            self._error("telemetry", "malformed")
+            return
+        for raw in raw_readings:
+            reading = _reading(device, raw, self._clock())
+            if reading is None:
+                self._error("telemetry", "malformed")
+                continue
+            if reading.seq is not None and state.last_seq is not None:
+                if reading.seq <= state.last_seq:
+                    self._metrics.inc("scgw_telemetry_duplicates_total")
+                    continue
+                if reading.seq > state.last_seq + 1:
+                    state.seq_gaps += 1
+                    self._metrics.inc("scgw_telemetry_gaps_total")
+                    log.info(
+                        "telemetry gap from %s: seq %d -> %d",
+                        device.device_id, state.last_seq, reading.seq,
+                    )
+            if reading.seq is not None:
+                state.last_seq = reading.seq
+            self._metrics.inc("scgw_telemetry_readings_total")
+            self._bus.publish(reading)
+
+    def _status(self, state: DeviceState, payload: bytes) -> None:
+        data = proto.load_object(payload)
+        if isinstance(data, proto.Malformed) or not isinstance(data.get("online"), bool):
+            self._error("status", "malformed")
+            return
+        state.online = data["online"]
+
+    def _event(self, device: DeviceConfig, payload: bytes) -> None:
+        data = proto.load_object(payload)
+        if isinstance(data, proto.Malformed) or not isinstance(data.get("type"), str):
+            self._error("event", "malformed")
+            return
+        known = {"door_forced", "door_held_open", "tamper"}
+        kind = data["type"] if data["type"] in known else "other"
+        self._metrics.inc("scgw_device_events_total", type=kind)
+        log.warning("event %s from %s", data["type"][:64], device.device_id)
+
+
+def _reading(device: DeviceConfig, raw: Any, now: float) -> Reading | None:
+    if not isinstance(raw, dict) or not isinstance(raw.get("metrics"), dict):
+        return None
+    ts = proto.read_ts(raw)
+    if isinstance(ts, str):
+        return None
+    seq = raw.get("seq")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
+        return None
+    metrics: dict[str, float] = {}
+    for name, value in raw["metrics"].items():
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(name, str) or not isinstance(value, int | float):
+            return None
+        if not math.isfinite(value):
+            return None
+        metrics[name] = float(value)
+    return Reading(device.device_id, device.kind, ts if ts is not None else now, metrics, seq)

@@ -1,0 +1,209 @@
+"""The gateway process: one asyncio TaskGroup owning MQTT, drivers and the API server.
+
+Start-up order follows dependencies (store -> access index -> audit -> MQTT -> Modbus ->
+API); shutdown runs in reverse through one AsyncExitStack, so pending audit entries and
+in-flight payments are flushed before the database is let go. SIGTERM/SIGINT set the stop
+event; everything is down within a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AsyncExitStack
+from typing import Any
+
+import uvicorn
+from fastapi import APIRouter
+from sqlalchemy import Engine
+
+from api.app import create_app
+from api.context import ApiContext, JwtSettings
+from device_drivers.mqtt import MqttLink
+from device_drivers.mqtt_protocol import device_topic, subscriptions
+from gateway.config import ConfigError, SiteConfig
+from gateway.device_router import DeviceRouter
+from gateway.events import TelemetryBus
+from gateway.metrics import Registry
+from gateway.store import db
+
+log = logging.getLogger(__name__)
+
+
+class _ApiServer(uvicorn.Server):
+    """Uvicorn without its own signal handling: the runtime owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Gateway:
+    def __init__(self, config: SiteConfig, extra_routers: Sequence[APIRouter] = ()) -> None:
+        self.config = config
+        self.metrics = Registry()
+        self.bus = TelemetryBus()
+        self.started = asyncio.Event()
+        self.api_port: int | None = None
+        self.router: DeviceRouter | None = None
+        self.link: MqttLink | None = None
+        self._extra_routers = list(extra_routers)
+        if config.api.enabled and config.api.jwt_secret is None:
+            raise ConfigError(
+                "environment", ["api.jwt_secret: set SCGW__API__JWT_SECRET (32+ characters)"]
+            )
+
+    async def _publish(self, topic: str, payload: bytes) -> None:
+        assert self.link is not None
+        await self.link.publish(topic, payload)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        await asyncio.to_thread(db.upgrade, cfg.database.url)
+        engine = db.make_engine(cfg.database.url)
+        try:
+            async with AsyncExitStack() as stack:
+                await self._run_components(stack, engine, stop)
+        finally:
+            engine.dispose()
+            log.info("gateway stopped")
+
+    async def _run_components(
+        self, stack: AsyncExitStack, engine: Engine, stop: asyncio.Event
+    ) -> None:
+        from gateway.access_service import AccessService
+        from gateway.audit import AuditLog
+
+        cfg = self.config
+        devices = {d.device_id: d for d in cfg.devices}
+        access = await stack.enter_async_context(AccessService.from_config(engine, cfg))
+        audit = await stack.enter_async_context(AuditLog(engine))
+        payments = await stack.enter_async_context(self._canteen(engine, access))
+        self.router = DeviceRouter(
+            root=cfg.mqtt.root,
+            devices=devices,
+            access=access,
+            publish=self._publish,
+            metrics=self.metrics,
+            bus=self.bus,
+            payments=payments,
+            observer=_AuditObserver(audit),
+        )
+        client_id = cfg.mqtt.client_id or f"scgw-{cfg.site.id}-{secrets.token_hex(3)}"
+        password = cfg.mqtt.password.get_secret_value() if cfg.mqtt.password else None
+        self.link = await stack.enter_async_context(
+            MqttLink(
+                host=cfg.mqtt.host,
+                port=cfg.mqtt.port,
+                client_id=client_id,
+                status_topic=f"{cfg.mqtt.root}/gateway/{cfg.site.id}/status",
+                subscriptions=subscriptions(cfg.mqtt.root),
+                on_message=self.router.on_message,
+                username=cfg.mqtt.username,
+                password=password,
+                tls=cfg.mqtt.tls,
+                keepalive_s=cfg.mqtt.keepalive_s,
+                reconnect_min_s=cfg.mqtt.reconnect_min_s,
+                reconnect_max_s=cfg.mqtt.reconnect_max_s,
+            )
+        )
+        self.metrics.gauge(
+            "scgw_mqtt_connected", "1 while connected to the broker.",
+            lambda: float(self.link is not None and self.link.connected.is_set()),
+        )
+        modbus = await stack.enter_async_context(self._modbus())
+        async with asyncio.TaskGroup() as tasks:
+            server = self._api_server(engine, access, modbus, payments) if cfg.api.enabled else None
+            if server is not None:
+                tasks.create_task(server.serve(), name="api-server")
+                while not server.started:
+                    await asyncio.sleep(0.02)
+                self.api_port = server.servers[0].sockets[0].getsockname()[1]
+                log.info("API listening on http://%s:%d", cfg.api.host, self.api_port)
+            self.started.set()
+            await stop.wait()
+            log.info("stopping")
+            if server is not None:
+                server.should_exit = True
+
+    def _canteen(self, engine: Engine, access: Any) -> contextlib.AbstractAsyncContextManager[Any]:
+        from gateway.canteen import CanteenService
+
+        return CanteenService(engine, self.config, access, self._publish)
+
+    def _modbus(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        from gateway.modbus_bridge import modbus_fleet
+
+        return modbus_fleet(self.config, self.bus)
+
+    def _api_server(self, engine: Engine, access: Any, modbus: Any, canteen: Any) -> _ApiServer:
+        cfg = self.config
+        assert cfg.api.jwt_secret is not None and self.router is not None
+        link = self.link
+        ctx = ApiContext(
+            config=cfg,
+            engine=engine,
+            jwt=JwtSettings(
+                cfg.api.jwt_secret.get_secret_value(), cfg.api.jwt_audience, cfg.api.token_ttl_s
+            ),
+            metrics=self.metrics,
+            access=access,
+            publish=self._publish,
+            device_state=self.router.state,
+            ready=lambda: link is not None and link.connected.is_set(),
+            extras={"modbus": modbus, "canteen": canteen, "bus": self.bus},
+        )
+        from api.routers import all_extra_routers
+
+        app = create_app(ctx, [*all_extra_routers(), *self._extra_routers])
+        config = uvicorn.Config(
+            app,
+            host=cfg.api.host,
+            port=cfg.api.port,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+        )
+        return _ApiServer(config)
+
+
+class _AuditObserver:
+    def __init__(self, audit: Any) -> None:
+        self._audit = audit
+
+    def record(self, device: Any, decision: Any, now: float) -> None:
+        self._audit.record_decision(device.device_id, device.kind, decision, now)
+
+
+def command_topic(config: SiteConfig, device_id: str) -> str:
+    return device_topic(config.mqtt.root, device_id, "command")
+
+
+def install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def remove() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+async def run_until_signal(gateway: Gateway, duration_s: float | None = None) -> None:
+    stop = asyncio.Event()
+    remove = install_signal_handlers(stop)
+    if duration_s is not None:
+        asyncio.get_running_loop().call_later(duration_s, stop.set)
+    started = time.monotonic()
+    try:
+        await gateway.run(stop)
+    finally:
+        remove()
+        log.info("ran for %.1f s", time.monotonic() - started)
