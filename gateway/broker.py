@@ -112,3 +112,35 @@ class Mosquitto:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class EmbeddedBroker:
+    """amqtt in-process, for the demo on machines without Mosquitto (~25x slower)."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._broker: object | None = None
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        from amqtt.broker import Broker
+        from amqtt.contexts import BrokerConfig, ListenerConfig
+
+        config = BrokerConfig(
+            listeners={"default": ListenerConfig(type="tcp", bind=f"{self.host}:{self.port}")},
+            plugins={"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        )
+        broker = Broker(config)
+        await broker.start()
+        self._broker = broker
+        log.info("embedded amqtt broker listening on %s:%d", self.host, self.port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._broker is not None:
+            await self._broker.shutdown()  # type: ignore[attr-defined]
