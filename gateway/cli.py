@@ -77,7 +77,7 @@ def demo(
     from gateway.demo import run_demo
 
     _setup_logging(verbose)
-    asyncio.run(run_demo(data_dir, port, duration))
+    asyncio.run(run_demo(data_dir, port, duration, announce=typer.echo))
 
 
 @db_app.command("upgrade")
