@@ -27,6 +27,7 @@ INBOUND_CHANNELS = (
     "payment/batch",
     "telemetry",
     "event",
+    "command",  # only subscribed for Modbus units, for which the gateway answers
 )
 
 

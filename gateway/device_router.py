@@ -48,6 +48,12 @@ class PaymentSink(Protocol):
     async def handle(self, device: DeviceConfig, channel: str, payload: bytes) -> None: ...
 
 
+class CommandSink(Protocol):
+    """Commands addressed to devices the gateway answers for (Modbus units)."""
+
+    async def handle(self, device: DeviceConfig, payload: bytes) -> None: ...
+
+
 class DecisionObserver(Protocol):
     def record(self, device: DeviceConfig, decision: Any, now: float) -> None: ...
 
@@ -82,6 +88,7 @@ class DeviceRouter:
         bus: TelemetryBus,
         payments: PaymentSink | None = None,
         observer: DecisionObserver | None = None,
+        commands: CommandSink | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._root = root
@@ -92,6 +99,7 @@ class DeviceRouter:
         self._bus = bus
         self._payments = payments
         self._observer = observer
+        self._commands = commands
         self._clock = clock
         self.state: dict[str, DeviceState] = {d: DeviceState() for d in devices}
         register_metrics(metrics)
@@ -124,6 +132,8 @@ class DeviceRouter:
                 self._status(state, payload)
             elif channel == "event":
                 self._event(device, payload)
+            elif channel == "command" and device.is_modbus and self._commands is not None:
+                await self._commands.handle(device, payload)
         except Exception:
             # A bug in one handler must not take the connection (and every gate) down.
             log.exception("error handling %s from %s", channel, device.device_id)

@@ -24,12 +24,17 @@ from sqlalchemy import Engine
 
 from api.app import create_app
 from api.context import ApiContext, JwtSettings
+from api.routers import all_extra_routers
 from device_drivers.mqtt import MqttLink
 from device_drivers.mqtt_protocol import device_topic, subscriptions
+from gateway.access_service import AccessService
+from gateway.audit import AuditLog
+from gateway.canteen import CanteenService
 from gateway.config import ConfigError, SiteConfig
 from gateway.device_router import DeviceRouter
 from gateway.events import TelemetryBus
 from gateway.metrics import Registry
+from gateway.modbus_bridge import ModbusCommands, modbus_fleet
 from gateway.store import db
 
 log = logging.getLogger(__name__)
@@ -76,14 +81,22 @@ class Gateway:
     async def _run_components(
         self, stack: AsyncExitStack, engine: Engine, stop: asyncio.Event
     ) -> None:
-        from gateway.access_service import AccessService
-        from gateway.audit import AuditLog
-
         cfg = self.config
         devices = {d.device_id: d for d in cfg.devices}
         access = await stack.enter_async_context(AccessService.from_config(engine, cfg))
         audit = await stack.enter_async_context(AuditLog(engine))
-        payments = await stack.enter_async_context(self._canteen(engine, access))
+        observer = _AuditObserver(audit)
+        payments = await stack.enter_async_context(
+            CanteenService(engine, cfg, access, self._publish, observer.record)
+        )
+        for outcome in ("approved", "refused", "shortfall", "retry", "malformed"):
+            self.metrics.gauge(
+                f"scgw_canteen_payments_{outcome}_total",
+                f"Canteen payments answered: {outcome}.",
+                lambda o=outcome: float(payments.counts()[o]),  # type: ignore[misc]
+            )
+        modbus = await stack.enter_async_context(modbus_fleet(cfg, self.bus))
+        commands = ModbusCommands(cfg.mqtt.root, modbus, self._publish)
         self.router = DeviceRouter(
             root=cfg.mqtt.root,
             devices=devices,
@@ -92,7 +105,8 @@ class Gateway:
             metrics=self.metrics,
             bus=self.bus,
             payments=payments,
-            observer=_AuditObserver(audit),
+            observer=observer,
+            commands=commands,
         )
         client_id = cfg.mqtt.client_id or f"scgw-{cfg.site.id}-{secrets.token_hex(3)}"
         password = cfg.mqtt.password.get_secret_value() if cfg.mqtt.password else None
@@ -102,7 +116,7 @@ class Gateway:
                 port=cfg.mqtt.port,
                 client_id=client_id,
                 status_topic=f"{cfg.mqtt.root}/gateway/{cfg.site.id}/status",
-                subscriptions=subscriptions(cfg.mqtt.root),
+                subscriptions=[*subscriptions(cfg.mqtt.root), *commands.subscriptions()],
                 on_message=self.router.on_message,
                 username=cfg.mqtt.username,
                 password=password,
@@ -116,7 +130,6 @@ class Gateway:
             "scgw_mqtt_connected", "1 while connected to the broker.",
             lambda: float(self.link is not None and self.link.connected.is_set()),
         )
-        modbus = await stack.enter_async_context(self._modbus())
         async with asyncio.TaskGroup() as tasks:
             server = self._api_server(engine, access, modbus, payments) if cfg.api.enabled else None
             if server is not None:
@@ -130,16 +143,6 @@ class Gateway:
             log.info("stopping")
             if server is not None:
                 server.should_exit = True
-
-    def _canteen(self, engine: Engine, access: Any) -> contextlib.AbstractAsyncContextManager[Any]:
-        from gateway.canteen import CanteenService
-
-        return CanteenService(engine, self.config, access, self._publish)
-
-    def _modbus(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        from gateway.modbus_bridge import modbus_fleet
-
-        return modbus_fleet(self.config, self.bus)
 
     def _api_server(self, engine: Engine, access: Any, modbus: Any, canteen: Any) -> _ApiServer:
         cfg = self.config
@@ -158,8 +161,6 @@ class Gateway:
             ready=lambda: link is not None and link.connected.is_set(),
             extras={"modbus": modbus, "canteen": canteen, "bus": self.bus},
         )
-        from api.routers import all_extra_routers
-
         app = create_app(ctx, [*all_extra_routers(), *self._extra_routers])
         config = uvicorn.Config(
             app,

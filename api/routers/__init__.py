@@ -1,1 +1,12 @@
 """API routers, one module per audience or resource."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+
+def all_extra_routers() -> list[APIRouter]:
+    """Feature routers mounted beside auth, system and access."""
+    from api.routers import control
+
+    return [control.router]

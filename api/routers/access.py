@@ -44,8 +44,9 @@ async def access_token(ctx: Ctx, user: Resident) -> AccessTokenOut:
         raise HTTPException(
             status.HTTP_409_CONFLICT, detail="no active phone credential is enrolled for you"
         )
-    qr, expires_at, credential_id = issued
-    return AccessTokenOut(qr=qr, expires_at=expires_at, credential_id=credential_id)
+    return AccessTokenOut(
+        qr=issued.qr, expires_at=issued.expires_at, credential_id=issued.credential_id
+    )
 
 
 def _device(ctx: Ctx, device_id: str, kind: str) -> None:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Response
+from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 
 from api.auth import Ctx, require_roles
 from gateway.store.users import Role, User
 
 router = APIRouter(tags=["system"])
+
+
+_DASHBOARD = Path(__file__).parents[1] / "static" / "dashboard.html"
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def dashboard() -> HTMLResponse:
+    """The web dashboard: a static page that talks to this API with the user's token."""
+    return HTMLResponse(_DASHBOARD.read_text(encoding="utf-8"))
 
 
 @router.get("/healthz")

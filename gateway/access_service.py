@@ -1,0 +1,277 @@
+"""The access service: the pure decision wired to the store, the replay guard and the clock.
+
+`decide` is synchronous and touches only memory, so a reader's answer never waits for a
+disk or a lock. The index is rebuilt off the event loop whenever `directory_changes` moves
+(polled every 0.3 s), so a revocation written by any process on the same database is in
+force within about a second; an API write in this process calls `refresh_now()` and the
+very next request sees it. When the database is unreachable the last index keeps serving:
+gates must keep opening for residents while the store is being repaired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from datetime import tzinfo
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, Engine, create_engine, event
+
+from gateway import credentials
+from gateway.access import (
+    CREDENTIAL_TYPES,
+    AccessDecision,
+    Credential,
+    Reader,
+    Reason,
+    decide,
+    decide_for_resident,
+    replayed,
+    without_token,
+)
+from gateway.directory_index import DirectoryIndex, build_index, empty_index
+from gateway.store.directory import (
+    Building,
+    Floor,
+    directory_version,
+    load_snapshot,
+    record_visitor_pass_uses,
+    upsert_building,
+)
+
+if TYPE_CHECKING:
+    from gateway.config import SiteConfig
+
+log = logging.getLogger(__name__)
+
+
+class IssuedToken(NamedTuple):
+    """A QR token for the app or a visitor's browser (`POST /api/v1/me/access-token`)."""
+
+    qr: str
+    expires_at: float
+    credential_id: str
+
+    def __repr__(self) -> str:  # the token is a bearer credential until it expires
+        return f"IssuedToken(credential_id={self.credential_id!r}, expires_at={self.expires_at})"
+
+
+def _read_engine(engine: Engine) -> Engine:
+    """An engine whose SQLite transactions are deferred, so reads never take the write lock.
+
+    The gateway's own engine begins every SQLite transaction IMMEDIATE (right for a debit);
+    holding that lock while 60,000 cards are read would stall canteen payments. WAL gives
+    the deferred read transaction a consistent snapshot without it.
+    """
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return engine
+    reader = create_engine(engine.url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(reader, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute("PRAGMA query_only=ON")
+
+    @event.listens_for(reader, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    return reader
+
+
+class AccessService:
+    """Owns the current index, the site-wide ReplayGuard and visitor-pass use counts."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        readers: Iterable[Reader],
+        *,
+        timezone: str | tzinfo = "UTC",
+        poll_interval_s: float = 0.3,
+        buildings: Sequence[tuple[Building, Sequence[Floor]]] = (),
+    ) -> None:
+        self._engine = engine
+        self._read = _read_engine(engine)
+        self._readers = {r.device_id: r for r in readers}
+        self._tz = ZoneInfo(timezone) if isinstance(timezone, str) else timezone
+        self._poll_s = poll_interval_s
+        self._buildings = list(buildings)
+        self._index = empty_index(self._tz)
+        self._guard = credentials.ReplayGuard()
+        self._rebuild = asyncio.Lock()
+        self._pass_uses: dict[str, int] = {}
+        self._unsaved_uses: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self.poll_failures = 0
+        self.rebuilds = 0
+
+    @classmethod
+    def from_config(cls, engine: Engine, config: SiteConfig) -> AccessService:
+        """Readers are the gate, elevator and canteen devices; buildings mirror into the store."""
+        readers = [
+            Reader(d.device_id, d.kind, d.building, duration_s=config.access.unlock_duration_s)
+            for d in config.devices if d.kind in ("gate", "elevator", "canteen")
+        ]
+        buildings = [
+            (Building(b.id, b.name), [Floor(b.id, f.number, f.name, f.public) for f in b.floors])
+            for b in config.buildings
+        ]
+        return cls(engine, readers, timezone=config.site.timezone, buildings=buildings)
+
+    async def __aenter__(self) -> Self:
+        if self._buildings:
+            await asyncio.to_thread(self._mirror_buildings)
+        await self.refresh_now()
+        self._task = asyncio.create_task(self._watch(), name="access-index-watch")
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            await self._save_pass_uses()
+        finally:
+            if self._read is not self._engine:
+                self._read.dispose()
+
+    @property
+    def index(self) -> DirectoryIndex:
+        return self._index
+
+    @property
+    def readers(self) -> dict[str, Reader]:
+        return self._readers
+
+    # --- the hot path ---------------------------------------------------------------------
+
+    def decide(self, device_id: str, credential_type: object, value: object,
+               now: float | None = None) -> AccessDecision:
+        now = time.time() if now is None else now
+        reader = self._readers.get(device_id)
+        if reader is None:
+            known = isinstance(credential_type, str) and credential_type in CREDENTIAL_TYPES
+            return AccessDecision(False, "none", None, Reason.MALFORMED_REQUEST, 0, None, None,
+                                  str(credential_type) if known else "invalid")
+        decision = decide(self._index, reader, Credential(credential_type, value), now,
+                          self._pass_uses)
+        if decision.consume is not None:
+            if not self._guard.use(decision.consume, now):
+                return replayed(decision)
+            decision = without_token(decision)
+        if decision.granted and decision.visitor_pass_id is not None:
+            self._count_pass_use(decision.visitor_pass_id)
+        return decision
+
+    def check_remote(self, resident_id: str, device_id: str,
+                     now: float | None = None) -> AccessDecision:
+        """Remote unlock / elevator call from the app: the resident's rights at that reader."""
+        reader = self._readers.get(device_id)
+        if reader is None:
+            return AccessDecision(False, "none", None, Reason.NOT_PERMITTED, 0, resident_id,
+                                  None, "app")
+        return decide_for_resident(self._index, reader, resident_id,
+                                   time.time() if now is None else now)
+
+    def _count_pass_use(self, pass_id: str) -> None:
+        visit = self._index.visitor_passes[pass_id]
+        self._pass_uses[pass_id] = max(visit.uses, self._pass_uses.get(pass_id, 0)) + 1
+        self._unsaved_uses.add(pass_id)
+
+    # --- tokens for the app and visitors --------------------------------------------------
+
+    def issue_qr(self, resident_id: str, now: float | None = None,
+                 credential_id: str | None = None) -> IssuedToken | None:
+        """A QR from the resident's newest usable phone credential (or the one named).
+
+        None when there is none: the resident must enrol a phone first.
+        """
+        usable = self._index.active_credentials.get(resident_id, ())
+        if credential_id is None and usable:
+            credential_id = usable[-1]
+        if credential_id is None or credential_id not in usable:
+            return None
+        return self._mint(credential_id, now)
+
+    def issue_visitor_qr(self, pass_id: str, now: float | None = None) -> IssuedToken | None:
+        """A QR for a visitor's browser; None when the pass is unknown or revoked."""
+        visit = self._index.visitor_passes.get(pass_id)
+        entry = self._index.credentials.get(visit.credential_id) if visit is not None else None
+        if entry is None or entry.revoked or entry.visitor_pass is not visit:
+            return None
+        return self._mint(entry.credential_id, now)
+
+    def _mint(self, credential_id: str, now: float | None) -> IssuedToken:
+        now = time.time() if now is None else now
+        secret = self._index.credentials[credential_id].secret
+        return IssuedToken(credentials.mint_qr(credential_id, secret, now),
+                           credentials.qr_expires_at(now), credential_id)
+
+    # --- keeping the index current --------------------------------------------------------
+
+    async def refresh_now(self) -> None:
+        """Rebuild from the store now; the next decision sees every write committed before."""
+        async with self._rebuild:
+            index = await asyncio.to_thread(self._load)
+            self._index = index
+            self.rebuilds += 1
+            self._pass_uses = {pid: n for pid, n in self._pass_uses.items()
+                               if pid in index.visitor_passes
+                               and n > index.visitor_passes[pid].uses}
+        log.info("access index version %d: %s", index.version, index.sizes)
+
+    def _load(self) -> DirectoryIndex:
+        with self._read.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                snapshot = load_snapshot(conn)
+        return build_index(snapshot, self._tz)
+
+    def _version(self) -> int:
+        with self._read.connect() as conn:
+            return directory_version(conn)
+
+    def _mirror_buildings(self) -> None:
+        with self._engine.begin() as conn:
+            for building, building_floors in self._buildings:
+                upsert_building(conn, building, building_floors)
+
+    async def _save_pass_uses(self) -> None:
+        if not self._unsaved_uses:
+            return
+        uses = {pid: self._pass_uses[pid] for pid in self._unsaved_uses
+                if pid in self._pass_uses}
+        self._unsaved_uses.clear()
+        try:
+            await asyncio.to_thread(self._write_pass_uses, uses)
+        except BaseException:
+            self._unsaved_uses.update(uses)
+            raise
+
+    def _write_pass_uses(self, uses: dict[str, int]) -> None:
+        with self._engine.begin() as conn:
+            record_visitor_pass_uses(conn, uses)
+
+    async def _watch(self) -> None:
+        delay = self._poll_s
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._save_pass_uses()
+                if await asyncio.to_thread(self._version) != self._index.version:
+                    await self.refresh_now()
+                delay = self._poll_s
+            except Exception as exc:
+                # Keep serving the last index; back off so a dead database is not hammered.
+                self.poll_failures += 1
+                delay = min(delay * 2, 5.0)
+                log.warning("directory poll failed (%s); still serving index version %d",
+                            type(exc).__name__, self._index.version, exc_info=True)

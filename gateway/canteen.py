@@ -1,0 +1,122 @@
+"""The canteen shell: payment messages from terminals -> credential -> ledger -> answer.
+
+The ledger is blocking SQL, so each message is handled in a worker thread and a slow disk
+never delays a gate. Credential resolution, however, hops back onto the event loop: the
+access service (and its site-wide replay guard) stays single-threaded, so a QR token
+presented at a canteen and a gate in the same instant can be used only once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import Engine
+
+from device_drivers.mqtt_protocol import device_topic
+from gateway.access_service import AccessService
+from gateway.config import DeviceConfig, SiteConfig
+from gateway.ledger.mqtt_handler import PaymentHandler
+from gateway.ledger.rules import OfflineLimits, Reason
+from gateway.ledger.service import Ledger
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+Observe = Callable[[DeviceConfig, Any, float], None]
+RESOLVE_TIMEOUT_S = 5.0
+
+
+class CanteenService:
+    def __init__(
+        self,
+        engine: Engine,
+        config: SiteConfig,
+        access: AccessService,
+        publish: Publish,
+        observe: Observe | None = None,
+    ) -> None:
+        self._engine = engine
+        self._config = config
+        self._access = access
+        self._publish = publish
+        self._observe = observe
+        self._handlers: dict[str, PaymentHandler] = {}
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.ledger: Ledger | None = None
+
+    async def __aenter__(self) -> CanteenService:
+        self._loop = asyncio.get_running_loop()
+        limits = OfflineLimits.from_config(self._config.canteen)
+        self.ledger = await asyncio.to_thread(Ledger, self._engine, limits)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Payments already taken from the broker are finished and answered, not dropped.
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=10)
+
+    def counts(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for handler in self._handlers.values():
+            total.update(handler.counts)
+        return total
+
+    def _handler(self, device: DeviceConfig) -> PaymentHandler:
+        handler = self._handlers.get(device.device_id)
+        if handler is None:
+            assert self.ledger is not None
+            handler = PaymentHandler(self.ledger, self._resolver(device))
+            self._handlers[device.device_id] = handler
+        return handler
+
+    def _resolver(self, device: DeviceConfig) -> Callable[[str, str, float], str | Reason]:
+        loop = self._loop
+        assert loop is not None
+
+        async def on_loop(credential_type: str, value: str, now: float) -> str | Reason:
+            decision = self._access.decide(device.device_id, credential_type, value, now)
+            if self._observe is not None:
+                self._observe(device, decision, time.time())
+            if decision.granted and decision.account is not None:
+                return str(decision.account)
+            return Reason(str(decision.reason or Reason.NOT_PERMITTED))
+
+        def resolve(credential_type: str, value: str, now: float) -> str | Reason:
+            future = asyncio.run_coroutine_threadsafe(on_loop(credential_type, value, now), loop)
+            return future.result(RESOLVE_TIMEOUT_S)
+
+        return resolve
+
+    async def handle(self, device: DeviceConfig, channel: str, payload: bytes) -> None:
+        """Start handling; the MQTT reader moves on to the next message at once."""
+        task = asyncio.create_task(self._handle(device, channel, payload))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _handle(self, device: DeviceConfig, channel: str, payload: bytes) -> None:
+        handler = self._handler(device)
+        try:
+            reply = await asyncio.to_thread(handler.handle, device.device_id, channel, payload)
+        except Exception:
+            log.exception("payment from %s failed; the terminal will retry", device.device_id)
+            return
+        if reply is None:
+            return
+        topic = device_topic(self._config.mqtt.root, device.device_id, reply.channel)
+        try:
+            await self._publish(topic, reply.payload)
+        except Exception:
+            # The ledger holds the result; the terminal's retry gets it from there.
+            log.warning("could not answer %s on %s", device.device_id, reply.channel)

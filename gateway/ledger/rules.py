@@ -1,0 +1,211 @@
+"""Payment decisions as pure functions: validation, outcome, offline risk limits.
+
+The transactional service feeds these plain values read under a lock and writes what they
+return; keeping the arithmetic here lets the property tests and the terminal simulator use
+the very same rules the gateway applies.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any
+
+# 10,000.00 per payment: far above any meal, low enough to catch a misplaced decimal point.
+MAX_AMOUNT_CENTS = 1_000_000
+MAX_TOPUP_CENTS = 10_000_000
+TXN_ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable ASCII, no spaces
+ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+
+
+class Reason(StrEnum):
+    """CONTRACT.md payment refusal reasons."""
+
+    INSUFFICIENT_FUNDS = "insufficient_funds"
+    INVALID_TOKEN = "invalid_token"  # noqa: S105 - a reason code, not a secret
+    EXPIRED_TOKEN = "expired_token"  # noqa: S105 - a reason code, not a secret
+    REPLAYED_TOKEN = "replayed_token"  # noqa: S105 - a reason code, not a secret
+    REVOKED = "revoked"
+    UNKNOWN_CARD = "unknown_card"
+    NOT_PERMITTED = "not_permitted"
+    MALFORMED_REQUEST = "malformed_request"
+    AMOUNT_MISMATCH = "amount_mismatch"
+
+
+class Status(StrEnum):
+    APPROVED = "approved"
+    REFUSED = "refused"
+    # An offline sale the purse could not (fully) cover: what it could cover is debited, the
+    # rest goes to the reconciliation report.
+    SHORTFALL = "shortfall"
+
+
+class OverLimit(StrEnum):
+    CARD = "card"
+    TERMINAL = "terminal"
+
+
+Resolution = str | Reason
+"""What credential resolution yields: the purse's account id, or why it was refused."""
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentResult:
+    """The answer a terminal gets (CONTRACT.md `payment/result`), stored on first decision.
+
+    `shortfall_cents` extends the contract: non-zero only for an offline sale that the purse
+    could not cover (then `approved` is false with `insufficient_funds`).
+    """
+
+    txn_id: str
+    approved: bool
+    balance_cents: int | None
+    reason: Reason | None
+    shortfall_cents: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {
+            "txn_id": self.txn_id,
+            "approved": self.approved,
+            "balance_cents": self.balance_cents,
+            "reason": None if self.reason is None else self.reason.value,
+        }
+        if self.shortfall_cents:
+            wire["shortfall_cents"] = self.shortfall_cents
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRequest:
+    """A payment whose credential has already been resolved."""
+
+    terminal_id: str
+    txn_id: str
+    amount_cents: int
+    resolution: Resolution
+    ts: float
+    offline: bool = False
+    batch_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Status
+    reason: Reason | None
+    debit_cents: int
+    shortfall_cents: int
+
+
+def validate_payment(terminal_id: str, txn_id: str, amount_cents: object, ts: object) -> str | None:
+    """Why a payment request cannot be processed, or None when it can."""
+    if not ACCOUNT_ID_PATTERN.fullmatch(terminal_id):
+        return f"terminal id {terminal_id!r} is not a valid id"
+    if not TXN_ID_PATTERN.fullmatch(txn_id):
+        return "txn_id must be 1-64 printable ASCII characters without spaces"
+    if not isinstance(amount_cents, int) or isinstance(amount_cents, bool):
+        return "amount_cents must be an integer number of cents"
+    if not 0 < amount_cents <= MAX_AMOUNT_CENTS:
+        return f"amount_cents must be between 1 and {MAX_AMOUNT_CENTS}"
+    if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
+        return "ts must be a finite number of Unix seconds"
+    return None
+
+
+def validate_account_id(account_id: str) -> str | None:
+    if not ACCOUNT_ID_PATTERN.fullmatch(account_id):
+        return f"account id {account_id!r} is not a valid id"
+    return None
+
+
+def validate_idempotency_key(key: str) -> str | None:
+    if not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
+        return "idempotency_key must be 8-128 characters of letters, digits and . _ : -"
+    return None
+
+
+def decide(balance_cents: int, amount_cents: int, offline: bool) -> Outcome:
+    """Debit when covered; online refuse otherwise; offline take what is there, note the rest.
+
+    An offline sale has already happened (the meal was served while the terminal could not
+    reach the gateway), so refusing it would lose the debt; it is never dropped.
+    """
+    if balance_cents >= amount_cents:
+        return Outcome(Status.APPROVED, None, amount_cents, 0)
+    if not offline:
+        return Outcome(Status.REFUSED, Reason.INSUFFICIENT_FUNDS, 0, 0)
+    covered = max(balance_cents, 0)
+    return Outcome(Status.SHORTFALL, Reason.INSUFFICIENT_FUNDS, covered, amount_cents - covered)
+
+
+def refused_credential(reason: Reason, amount_cents: int, offline: bool) -> Outcome:
+    """An unresolvable credential: online refused; offline the whole amount is a shortfall."""
+    return Outcome(Status.REFUSED, reason, 0, amount_cents if offline else 0)
+
+
+def result_of(txn_id: str, outcome: Outcome, balance_cents: int | None) -> PaymentResult:
+    return PaymentResult(
+        txn_id=txn_id,
+        approved=outcome.status is Status.APPROVED,
+        balance_cents=balance_cents,
+        reason=outcome.reason,
+        shortfall_cents=outcome.shortfall_cents,
+    )
+
+
+def retry_result(stored: PaymentResult, stored_amount: int, amount_cents: int) -> PaymentResult:
+    """A repeated txn_id gets the first result, unless it now claims another amount."""
+    if stored_amount == amount_cents:
+        return stored
+    return PaymentResult(stored.txn_id, False, stored.balance_cents, Reason.AMOUNT_MISMATCH)
+
+
+def as_resolution(value: str | Reason) -> Resolution:
+    """Accept a resolver that returns refusal reasons as plain strings."""
+    if isinstance(value, Reason):
+        return value
+    try:
+        return Reason(value)
+    except ValueError:
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineLimits:
+    """How much a terminal may sell without the gateway: the risk accepted during an outage."""
+
+    per_card_cents: int
+    per_terminal_cents: int
+
+    @classmethod
+    def from_config(cls, canteen: Any) -> OfflineLimits:
+        """From `gateway.config.CanteenConfig` (duck-typed to keep this module import-light)."""
+        return cls(
+            per_card_cents=int(canteen.offline_limit_per_card_cents),
+            per_terminal_cents=int(canteen.offline_limit_per_terminal_cents),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OfflineExposure:
+    """Offline sales so far in one outage, per card and for the terminal."""
+
+    per_card: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    terminal_cents: int = 0
+
+    def check(self, limits: OfflineLimits, card_key: str, amount_cents: int) -> OverLimit | None:
+        """Which limit a further offline sale would exceed, if any."""
+        if self.per_card.get(card_key, 0) + amount_cents > limits.per_card_cents:
+            return OverLimit.CARD
+        if self.terminal_cents + amount_cents > limits.per_terminal_cents:
+            return OverLimit.TERMINAL
+        return None
+
+    def add(self, card_key: str, amount_cents: int) -> OfflineExposure:
+        per_card = dict(self.per_card)
+        per_card[card_key] = per_card.get(card_key, 0) + amount_cents
+        return OfflineExposure(MappingProxyType(per_card), self.terminal_cents + amount_cents)

@@ -1,0 +1,533 @@
+"""The ledger's transactional operations: pay, batch, top-up, refund.
+
+Every operation is one database transaction that first locks the purses it touches (in
+account-id order, then system accounts in a fixed order, so two transactions can never
+wait on each other in a cycle), then re-reads what it decides on. On PostgreSQL the locks
+are `SELECT ... FOR UPDATE` row locks; on SQLite the engine's `BEGIN IMMEDIATE` makes the
+whole transaction the single writer. A result is returned only after its commit, so a
+terminal that saw an answer will get the same answer on every retry, and a crash before the
+commit leaves nothing behind for the retry to collide with.
+
+Races that locks alone cannot order (two first attempts of one txn_id resolving to
+different purses, or one idempotency key reused for two accounts) end in a unique-key
+violation; the loser's transaction is retried and then finds the winner's row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, tzinfo
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
+
+from gateway.ledger import reports, rules
+from gateway.ledger.rules import (
+    OfflineExposure,
+    OfflineLimits,
+    OverLimit,
+    PaymentRequest,
+    PaymentResult,
+    Reason,
+    Status,
+)
+from gateway.ledger.tables import (
+    CASH_ACCOUNT,
+    PURSE,
+    REVENUE_ACCOUNT,
+    SYSTEM,
+    SYSTEM_ACCOUNTS,
+    canteen_accounts,
+    canteen_entries,
+    canteen_idempotency,
+    canteen_journal,
+    canteen_payments,
+    canteen_shortfalls,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_ATTEMPTS = 5
+DEFAULT_LIMITS = OfflineLimits(per_card_cents=5000, per_terminal_cents=200_000)
+
+# Hot-path statements are built once: constructing Core statements per call cost more than
+# the SQLite work itself (about 100 us each).
+_A, _J, _P = canteen_accounts.c, canteen_journal.c, canteen_payments.c
+_LOCK_PURSES = (
+    select(_A.account_id, _A.balance_cents)
+    .where(_A.account_id.in_(bindparam("ids", expanding=True)), _A.kind == PURSE)
+    .order_by(_A.account_id)
+    .with_for_update()
+)
+_MOVE = (
+    update(canteen_accounts)
+    .where(_A.account_id == bindparam("b_account"))
+    .values(balance_cents=_A.balance_cents + bindparam("b_delta"))
+    .returning(_A.balance_cents)
+)
+_ADD_JOURNAL = insert(canteen_journal).returning(_J.journal_id)
+_ADD_ENTRIES = insert(canteen_entries)
+_ADD_PAYMENT = insert(canteen_payments)
+_ADD_SHORTFALL = insert(canteen_shortfalls)
+_PAYMENT = select(canteen_payments).where(
+    _P.terminal_id == bindparam("b_terminal"), _P.txn_id == bindparam("b_txn")
+)
+_PAYMENTS = select(canteen_payments).where(
+    _P.terminal_id == bindparam("b_terminal"), _P.txn_id.in_(bindparam("b_txns", expanding=True))
+)
+
+
+class LedgerError(Exception):
+    """A top-up or refund that cannot be done; the message is safe to show to staff."""
+
+
+class InvalidRequest(LedgerError):
+    pass
+
+
+class IdempotencyConflict(LedgerError):
+    """The key was already used for a different operation, account or amount."""
+
+
+class UnknownPayment(LedgerError):
+    pass
+
+
+class RefundRefused(LedgerError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    journal_id: int
+    account_id: str
+    amount_cents: int
+    balance_cents: int
+    replayed: bool  # True when the idempotency key had already done this
+
+
+@dataclass(frozen=True, slots=True)
+class StoredPayment:
+    terminal_id: str
+    txn_id: str
+    amount_cents: int
+    account_id: str | None
+    status: Status
+    offline: bool
+    result: PaymentResult
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPayment:
+    """One sale a terminal made while offline, credential already resolved."""
+
+    txn_id: str
+    amount_cents: int
+    resolution: rules.Resolution
+    ts: float
+
+
+def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any]) -> None:
+    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing())
+
+
+def _stored(row: RowMapping) -> StoredPayment:
+    reason = row["reason"]
+    result = PaymentResult(
+        txn_id=row["txn_id"],
+        approved=row["status"] == Status.APPROVED.value,
+        balance_cents=row["balance_cents"],
+        reason=None if reason is None else Reason(reason),
+        shortfall_cents=row["shortfall_cents"],
+    )
+    return StoredPayment(
+        row["terminal_id"], row["txn_id"], row["amount_cents"], row["account_id"],
+        Status(row["status"]), bool(row["offline"]), result,
+    )
+
+
+class Ledger:
+    """Stored-value purses for the canteen, exactly once per (terminal, txn_id).
+
+    Methods are blocking (SQLAlchemy Core); the asyncio shell calls them in a worker thread.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        limits: OfflineLimits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.engine = engine
+        self.limits = limits
+        self._clock = clock
+        with engine.begin() as conn:
+            for account_id in SYSTEM_ACCOUNTS:
+                _insert_ignore(conn, canteen_accounts, {
+                    "account_id": account_id, "kind": SYSTEM, "balance_cents": 0,
+                    "created_at": clock(),
+                })
+
+    # -- transactions -------------------------------------------------------------------
+
+    def _transaction(self, work: Callable[[Connection], T]) -> T:
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                with self.engine.begin() as conn:
+                    return work(conn)
+            except IntegrityError:
+                if attempt == _ATTEMPTS:
+                    raise
+                log.info("ledger transaction lost a unique-key race; retrying (%d)", attempt)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _lock_purses(conn: Connection, account_ids: Iterable[str]) -> dict[str, int]:
+        wanted = sorted(set(account_ids))
+        if not wanted:
+            return {}
+        rows = conn.execute(_LOCK_PURSES, {"ids": wanted}).all()
+        return {account_id: balance for account_id, balance in rows}
+
+    def _post(
+        self,
+        conn: Connection,
+        kind: str,
+        purse_id: str,
+        purse_delta: int,
+        system_id: str,
+        now: float,
+        terminal_id: str | None = None,
+        txn_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[int, int]:
+        """Move money between a purse and a system account; returns (journal id, balance)."""
+        purse_balance = conn.execute(
+            _MOVE, {"b_account": purse_id, "b_delta": purse_delta}
+        ).scalar_one()
+        system_balance = conn.execute(
+            _MOVE, {"b_account": system_id, "b_delta": -purse_delta}
+        ).scalar_one()
+        journal_id = conn.execute(_ADD_JOURNAL, {
+            "kind": kind, "account_id": purse_id, "amount_cents": abs(purse_delta),
+            "terminal_id": terminal_id, "txn_id": txn_id, "idempotency_key": idempotency_key,
+            "posted_at": now,
+        }).scalar_one()
+        conn.execute(_ADD_ENTRIES, [
+            {"journal_id": journal_id, "account_id": purse_id, "amount_cents": purse_delta,
+             "balance_after_cents": purse_balance},
+            {"journal_id": journal_id, "account_id": system_id, "amount_cents": -purse_delta,
+             "balance_after_cents": system_balance},
+        ])
+        return journal_id, int(purse_balance)
+
+    # -- payments -----------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Compile the hot statements with a top-up and a payment that are rolled back, so
+        the first real payment after a (re)start is as fast as the rest."""
+        probe = PaymentRequest("warm-up", "warm-up", 1, "warm-up", 0.0)
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                _insert_ignore(conn, canteen_accounts, {
+                    "account_id": "warm-up", "kind": PURSE, "balance_cents": 0,
+                    "created_at": 0.0,
+                })
+                self._lock_purses(conn, ["warm-up"])
+                self._post(conn, "topup", "warm-up", 1, CASH_ACCOUNT, 0.0)
+                self._decide_one(conn, probe, {"warm-up": 1}, None)
+                self._decide_one(conn, probe, {"warm-up": 0}, None)
+                conn.execute(_PAYMENTS, {"b_terminal": "warm-up", "b_txns": ["warm-up"]})
+            finally:
+                transaction.rollback()
+
+
+    def lookup(self, terminal_id: str, txn_id: str) -> StoredPayment | None:
+        """The stored first result, if this payment was decided already."""
+        with self.engine.connect() as conn:
+            return self._load_payment(conn, terminal_id, txn_id)
+
+    def lookup_many(self, terminal_id: str, txn_ids: Iterable[str]) -> dict[str, StoredPayment]:
+        wanted = sorted(set(txn_ids))
+        if not wanted:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                _PAYMENTS, {"b_terminal": terminal_id, "b_txns": wanted}
+            ).mappings().all()
+        return {row["txn_id"]: _stored(row) for row in rows}
+
+    @staticmethod
+    def _load_payment(conn: Connection, terminal_id: str, txn_id: str) -> StoredPayment | None:
+        row = conn.execute(
+            _PAYMENT, {"b_terminal": terminal_id, "b_txn": txn_id}
+        ).mappings().first()
+        return None if row is None else _stored(row)
+
+    def pay(
+        self,
+        terminal_id: str,
+        txn_id: str,
+        amount_cents: int,
+        resolution: rules.Resolution,
+        ts: float,
+        offline: bool = False,
+    ) -> PaymentResult:
+        """Debit once per (terminal, txn_id); every retry gets the first result."""
+        request = PaymentRequest(terminal_id, txn_id, amount_cents, resolution, ts, offline)
+        return self.pay_many([request])[0]
+
+    def pay_many(
+        self, requests: Sequence[PaymentRequest], over_limits: Sequence[OverLimit | None] = ()
+    ) -> list[PaymentResult]:
+        """Decide `requests` in order in one transaction (one fsync for all of them)."""
+        if not requests:
+            return []
+        flags = list(over_limits) or [None] * len(requests)
+        results: list[PaymentResult | None] = [None] * len(requests)
+        valid: list[int] = []
+        for i, req in enumerate(requests):
+            problem = rules.validate_payment(req.terminal_id, req.txn_id, req.amount_cents, req.ts)
+            if problem is None:
+                valid.append(i)
+            else:
+                log.info("payment %r refused as malformed: %s", req.txn_id, problem)
+                results[i] = PaymentResult(req.txn_id, False, None, Reason.MALFORMED_REQUEST)
+
+        def work(conn: Connection) -> list[PaymentResult]:
+            accounts = [requests[i].resolution for i in valid]
+            purses = self._lock_purses(conn, (a for a in accounts if not isinstance(a, Reason)))
+            return [self._decide_one(conn, requests[i], purses, flags[i]) for i in valid]
+
+        for i, result in zip(valid, self._transaction(work), strict=True):
+            results[i] = result
+        return [r for r in results if r is not None]
+
+    def _decide_one(
+        self, conn: Connection, req: PaymentRequest, purses: dict[str, int],
+        over_limit: OverLimit | None,
+    ) -> PaymentResult:
+        existing = self._load_payment(conn, req.terminal_id, req.txn_id)
+        now = self._clock()
+        if existing is not None:
+            if (req.offline and not existing.offline and existing.status is Status.REFUSED
+                    and existing.amount_cents == req.amount_cents):
+                # Refused online, but the terminal timed out and served it offline: the
+                # answer stays the first one, the unpaid meal goes to reconciliation.
+                _insert_ignore(conn, canteen_shortfalls, {
+                    "terminal_id": req.terminal_id, "txn_id": req.txn_id,
+                    "account_id": existing.account_id, "amount_cents": req.amount_cents,
+                    "covered_cents": 0, "shortfall_cents": req.amount_cents,
+                    "reason": (existing.result.reason or Reason.INSUFFICIENT_FUNDS).value,
+                    "over_limit": None if over_limit is None else over_limit.value,
+                    "request_ts": req.ts, "posted_at": now,
+                })
+            return rules.retry_result(existing.result, existing.amount_cents, req.amount_cents)
+        account_id: str | None = None
+        balance: int | None = None
+        if isinstance(req.resolution, Reason):
+            outcome = rules.refused_credential(req.resolution, req.amount_cents, req.offline)
+        else:
+            account_id = req.resolution
+            balance = purses.get(account_id, 0)
+            outcome = rules.decide(balance, req.amount_cents, req.offline)
+        journal_id = None
+        if outcome.debit_cents > 0 and account_id is not None:
+            journal_id, balance = self._post(
+                conn, "payment", account_id, -outcome.debit_cents, REVENUE_ACCOUNT, now,
+                terminal_id=req.terminal_id, txn_id=req.txn_id,
+            )
+            purses[account_id] = balance
+        result = rules.result_of(req.txn_id, outcome, balance)
+        conn.execute(_ADD_PAYMENT, {
+            "terminal_id": req.terminal_id, "txn_id": req.txn_id,
+            "amount_cents": req.amount_cents, "account_id": account_id, "offline": req.offline,
+            "request_ts": req.ts, "status": outcome.status.value,
+            "reason": None if outcome.reason is None else outcome.reason.value,
+            "debited_cents": outcome.debit_cents, "shortfall_cents": outcome.shortfall_cents,
+            "balance_cents": balance, "journal_id": journal_id, "batch_id": req.batch_id,
+            "posted_at": now,
+        })
+        if outcome.shortfall_cents > 0:
+            conn.execute(_ADD_SHORTFALL, {
+                "terminal_id": req.terminal_id, "txn_id": req.txn_id, "account_id": account_id,
+                "amount_cents": req.amount_cents, "covered_cents": outcome.debit_cents,
+                "shortfall_cents": outcome.shortfall_cents,
+                "reason": (outcome.reason or Reason.INSUFFICIENT_FUNDS).value,
+                "over_limit": None if over_limit is None else over_limit.value,
+                "request_ts": req.ts, "posted_at": now,
+            })
+            log.info("offline payment %s/%s not covered: shortfall %d cents (%s)",
+                        req.terminal_id, req.txn_id, outcome.shortfall_cents, outcome.reason)
+        return result
+
+    def apply_batch(
+        self, terminal_id: str, batch_id: str, payments: Sequence[BatchPayment]
+    ) -> list[PaymentResult]:
+        """Apply an offline terminal's sales in order; one result per distinct txn_id.
+
+        Sales beyond the offline limits are applied all the same (they happened); the limit
+        they broke is recorded with any shortfall so the report shows where risk came from.
+        """
+        seen: set[str] = set()
+        unique = []
+        for payment in payments:
+            if payment.txn_id not in seen:
+                seen.add(payment.txn_id)
+                unique.append(payment)
+        exposure = OfflineExposure()
+        flags: list[OverLimit | None] = []
+        requests = []
+        for payment in unique:
+            card_key = (f"refused:{payment.resolution}" if isinstance(payment.resolution, Reason)
+                        else payment.resolution)
+            flags.append(exposure.check(self.limits, card_key, payment.amount_cents))
+            exposure = exposure.add(card_key, payment.amount_cents)
+            requests.append(PaymentRequest(
+                terminal_id, payment.txn_id, payment.amount_cents, payment.resolution,
+                payment.ts, offline=True, batch_id=batch_id,
+            ))
+        return self.pay_many(requests, flags)
+
+    # -- staff operations ---------------------------------------------------------------
+
+    def topup(self, account_id: str, amount_cents: int, idempotency_key: str) -> Receipt:
+        """Credit a purse (opening it if new); the key makes a retried request harmless."""
+        self._check_staff_request(account_id, amount_cents, idempotency_key,
+                                  rules.MAX_TOPUP_CENTS)
+
+        def work(conn: Connection) -> Receipt:
+            _insert_ignore(conn, canteen_accounts, {
+                "account_id": account_id, "kind": PURSE, "balance_cents": 0,
+                "created_at": self._clock(),
+            })
+            if account_id not in self._lock_purses(conn, [account_id]):
+                raise InvalidRequest(f"account {account_id!r} is not a purse")
+            replay = self._replay(conn, idempotency_key, "topup", account_id, amount_cents)
+            if replay is not None:
+                return replay
+            journal_id, balance = self._post(
+                conn, "topup", account_id, amount_cents, CASH_ACCOUNT, self._clock(),
+                idempotency_key=idempotency_key,
+            )
+            return self._remember(conn, idempotency_key, "topup", account_id, amount_cents,
+                                  journal_id, balance)
+
+        return self._transaction(work)
+
+    def refund(
+        self, account_id: str, terminal_id: str, txn_id: str, amount_cents: int,
+        idempotency_key: str,
+    ) -> Receipt:
+        """Give (part of) a payment back to the purse it came from, never more than it took."""
+        self._check_staff_request(account_id, amount_cents, idempotency_key,
+                                  rules.MAX_AMOUNT_CENTS)
+
+        def work(conn: Connection) -> Receipt:
+            if account_id not in self._lock_purses(conn, [account_id]):
+                raise UnknownPayment(f"account {account_id!r} has no canteen purse")
+            replay = self._replay(conn, idempotency_key, "refund", account_id, amount_cents,
+                                  terminal_id, txn_id)
+            if replay is not None:
+                return replay
+            payment = self._load_payment(conn, terminal_id, txn_id)
+            if payment is None or payment.account_id != account_id:
+                raise UnknownPayment(f"no payment {terminal_id}/{txn_id} from {account_id}")
+            debited = conn.execute(
+                select(canteen_payments.c.debited_cents).where(
+                    canteen_payments.c.terminal_id == terminal_id,
+                    canteen_payments.c.txn_id == txn_id,
+                )
+            ).scalar_one()
+            refunded = conn.execute(
+                select(func.coalesce(func.sum(canteen_journal.c.amount_cents), 0)).where(
+                    canteen_journal.c.kind == "refund",
+                    canteen_journal.c.terminal_id == terminal_id,
+                    canteen_journal.c.txn_id == txn_id,
+                )
+            ).scalar_one()
+            if refunded + amount_cents > debited:
+                raise RefundRefused(
+                    f"payment {terminal_id}/{txn_id} took {debited} cents and "
+                    f"{refunded} were refunded already; {debited - refunded} remain refundable"
+                )
+            journal_id, balance = self._post(
+                conn, "refund", account_id, amount_cents, REVENUE_ACCOUNT, self._clock(),
+                terminal_id=terminal_id, txn_id=txn_id, idempotency_key=idempotency_key,
+            )
+            return self._remember(conn, idempotency_key, "refund", account_id, amount_cents,
+                                  journal_id, balance, terminal_id, txn_id)
+
+        return self._transaction(work)
+
+    @staticmethod
+    def _check_staff_request(account_id: str, amount_cents: int, key: str, limit: int) -> None:
+        problem = rules.validate_account_id(account_id) or rules.validate_idempotency_key(key)
+        if account_id.startswith("@"):
+            problem = "system accounts cannot be credited by hand"
+        if isinstance(amount_cents, bool) or not isinstance(amount_cents, int):
+            problem = "amount_cents must be an integer number of cents"
+        elif not 0 < amount_cents <= limit:
+            problem = f"amount_cents must be between 1 and {limit}"
+        if problem is not None:
+            raise InvalidRequest(problem)
+
+    @staticmethod
+    def _replay(
+        conn: Connection, key: str, operation: str, account_id: str, amount_cents: int,
+        terminal_id: str | None = None, txn_id: str | None = None,
+    ) -> Receipt | None:
+        row = conn.execute(
+            select(canteen_idempotency).where(canteen_idempotency.c.idempotency_key == key)
+        ).mappings().first()
+        if row is None:
+            return None
+        if (row["operation"], row["account_id"], row["amount_cents"], row["terminal_id"],
+                row["txn_id"]) != (operation, account_id, amount_cents, terminal_id, txn_id):
+            raise IdempotencyConflict(
+                "this idempotency_key was already used for a different request"
+            )
+        return Receipt(row["journal_id"], account_id, amount_cents, row["balance_cents"], True)
+
+    def _remember(
+        self, conn: Connection, key: str, operation: str, account_id: str, amount_cents: int,
+        journal_id: int, balance: int, terminal_id: str | None = None,
+        txn_id: str | None = None,
+    ) -> Receipt:
+        conn.execute(insert(canteen_idempotency).values(
+            idempotency_key=key, operation=operation, account_id=account_id,
+            amount_cents=amount_cents, terminal_id=terminal_id, txn_id=txn_id,
+            journal_id=journal_id, balance_cents=balance, created_at=self._clock(),
+        ))
+        return Receipt(journal_id, account_id, amount_cents, balance, False)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def balance(self, account_id: str) -> int:
+        with self.engine.connect() as conn:
+            return reports.balance(conn, account_id)
+
+    def history(self, account_id: str, limit: int = 50) -> list[reports.HistoryItem]:
+        with self.engine.connect() as conn:
+            return reports.history(conn, account_id, limit)
+
+    def reconcile(self, day: date, tz: tzinfo = UTC) -> list[reports.ShortfallRow]:
+        with self.engine.connect() as conn:
+            return reports.reconcile(conn, day, tz)
+
+    def settle(self, day: date, tz: tzinfo = UTC) -> list[reports.SettlementRow]:
+        with self.engine.connect() as conn:
+            return reports.settle(conn, day, tz)
+
+    def audit(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return reports.audit(conn)

@@ -1,0 +1,68 @@
+"""A small seeded community and a running in-process gateway for end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.broker import Mosquitto
+from gateway.config import SiteConfig
+from gateway.demo import BUILDINGS, READERS
+from gateway.demo_seed import DemoPeople, seed_demo
+from gateway.runtime import Gateway
+from gateway.store import db
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    config: SiteConfig
+    people: DemoPeople
+    root: str
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.api_port}"
+
+
+def site_config(broker: Mosquitto, db_url: str, root: str) -> SiteConfig:
+    return SiteConfig.model_validate(
+        {
+            "site": {"id": "test"},
+            "mqtt": {"url": broker.url, "root": root, "reconnect_min_s": 0.05,
+                     "reconnect_max_s": 0.5},
+            "database": {"url": db_url},
+            "api": {"port": 0, "jwt_secret": secrets.token_hex(32)},
+            "buildings": BUILDINGS,
+            "devices": READERS,
+        }
+    )
+
+
+@asynccontextmanager
+async def running_gateway(broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Running]:
+    root = f"t{secrets.token_hex(4)}"  # isolates tests sharing one broker
+    db_url = f"sqlite:///{tmp_path / 'gw.db'}"
+    config = site_config(broker, db_url, root)
+    db.upgrade(db_url)
+    engine = db.make_engine(db_url)
+    people = seed_demo(engine, config)
+    engine.dispose()
+    gateway = Gateway(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    started = asyncio.create_task(gateway.started.wait())
+    await asyncio.wait({task, started}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    assert gateway.link is not None
+    await asyncio.wait_for(gateway.link.connected.wait(), 10)
+    try:
+        yield Running(gateway, config, people, root)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
