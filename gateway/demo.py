@@ -20,11 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.broker import EmbeddedBroker, Mosquitto, mosquitto_binary
+from sqlalchemy import Engine
+
+from gateway.broker import EmbeddedBroker, Mosquitto, free_port, mosquitto_binary
 from gateway.config import SiteConfig
 from gateway.demo_seed import DemoPeople, DemoResident, seed_demo
+from gateway.ledger.service import Ledger
 from gateway.runtime import Gateway, install_signal_handlers
 from gateway.store import db
+from simulators.modbus_units import SimulatedUnits, UnitSpec
 from simulators.phone import SimulatedPhone
 from simulators.readers import ReaderSimulator
 
@@ -127,11 +131,7 @@ async def run_demo(
     duration_s: float | None,
     announce: Callable[[str], None] = log.info,
 ) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    db_path = data_dir / "demo.db"
-    for stale in data_dir.glob("demo.db*"):
-        stale.unlink()
-    db_url = f"sqlite:///{db_path}"
+    db_url = await asyncio.to_thread(_fresh_data_dir, data_dir)
     stop = asyncio.Event()
     remove_handlers = install_signal_handlers(stop)
     if duration_s is not None:
@@ -145,14 +145,14 @@ async def run_demo(
             engine = db.make_engine(db_url)
             stack.callback(engine.dispose)
             people = await asyncio.to_thread(seed_demo, engine, config)
-            await _prepare_canteen(engine, people)
+            await asyncio.to_thread(_prepare_canteen, engine, people)
             gateway = Gateway(config)
             async with asyncio.TaskGroup() as tasks:
                 gateway_task = tasks.create_task(gateway.run(stop), name="gateway")
                 await _wait_started(gateway, gateway_task)
                 api_url = f"http://127.0.0.1:{gateway.api_port}"
                 text = demo_json(api_url, broker, people, config)
-                (data_dir / "demo.json").write_text(text)
+                await asyncio.to_thread((data_dir / "demo.json").write_text, text)
                 announce(f"scgw demo is up ({broker.kind} broker). {data_dir / 'demo.json'}:")
                 announce(text)
                 async with AsyncExitStack() as sims:
@@ -176,6 +176,14 @@ async def run_demo(
     announce("scgw demo stopped")
 
 
+def _fresh_data_dir(data_dir: Path) -> str:
+    """Each demo run starts from an empty database (new people, new passwords)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for stale in data_dir.glob("demo.db*"):
+        stale.unlink()
+    return f"sqlite:///{data_dir / 'demo.db'}"
+
+
 async def _wait_started(gateway: Gateway, task: asyncio.Task[None]) -> None:
     started = asyncio.create_task(gateway.started.wait())
     await asyncio.wait({started, task}, return_when=asyncio.FIRST_COMPLETED)
@@ -184,13 +192,34 @@ async def _wait_started(gateway: Gateway, task: asyncio.Task[None]) -> None:
         await task  # raises what stopped the gateway
 
 
+MODBUS_UNITS = [
+    # device id, kind, bundled profile, building
+    ("hvac-b1-lobby", "hvac", "heat-pump-split", "b1"),
+    ("erv-b1", "fresh_air", "fresh-air-erv", "b1"),
+    ("purifier-b2-gym", "air_purifier", "air-purifier", "b2"),
+    ("meter-main", "meter", "eastron-sdm630", None),
+]
+
+
 @contextlib.asynccontextmanager
 async def _modbus_units() -> AsyncIterator[list[dict[str, Any]]]:
-    yield []
+    """Simulated units on loopback Modbus TCP ports, and their site-config entries."""
+    ports = [free_port() for _ in MODBUS_UNITS]
+    specs = [UnitSpec(profile, port, seed=i)
+             for i, ((_, _, profile, _), port) in enumerate(zip(MODBUS_UNITS, ports, strict=True))]
+    async with SimulatedUnits(specs):
+        yield [
+            {"device_id": device_id, "kind": kind, "building": building, "host": "127.0.0.1",
+             "port": port, "unit_id": 1, "profile": profile, "poll_interval_s": 2.0}
+            for (device_id, kind, profile, building), port in zip(MODBUS_UNITS, ports, strict=True)
+        ]
 
 
-async def _prepare_canteen(engine: Any, people: DemoPeople) -> None:
-    return None
+def _prepare_canteen(engine: Engine, people: DemoPeople) -> None:
+    """Every demo resident starts with 200.00 on their canteen purse."""
+    ledger = Ledger(engine)
+    for resident in people.residents:
+        ledger.topup(resident.resident_id, 20_000, f"demo-welcome-{resident.resident_id}")
 
 
 @contextlib.asynccontextmanager
