@@ -120,7 +120,7 @@ class MqttLink:
         while True:
             try:
                 async with self._make_client() as client:
-                    _disable_nagle(client)
+                    disable_nagle(client)
                     for topic in self._subscriptions:
                         await client.subscribe(topic, qos=1)
                     await self._announce(client, online=True)
@@ -146,7 +146,7 @@ class MqttLink:
                 self._client = None
 
 
-def _disable_nagle(client: aiomqtt.Client) -> None:
+def disable_nagle(client: aiomqtt.Client) -> None:
     """Small request/decision messages must not wait for Nagle's 40 ms coalescing."""
     sock = client._client.socket()
     if isinstance(sock, socket.socket):

@@ -100,6 +100,13 @@ class BuildingConfig(_Strict):
         return self
 
 
+class BleReaderConfig(_Strict):
+    """A BLE radio next to a reader: phones' tokens seen here count as presented there."""
+
+    adapter: str | None = None  # e.g. "hci1"; None = the system default
+    rssi_threshold_dbm: int = Field(default=-75, ge=-120, le=0)
+
+
 class DeviceConfig(_Strict):
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     kind: DeviceKind
@@ -112,6 +119,7 @@ class DeviceConfig(_Strict):
     profile: str | None = None
     poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
     baudrate: int = 9600
+    ble: BleReaderConfig | None = None
 
     @property
     def is_modbus(self) -> bool:
@@ -119,6 +127,8 @@ class DeviceConfig(_Strict):
 
     @model_validator(mode="after")
     def _modbus_fields(self) -> DeviceConfig:
+        if self.ble is not None and self.kind not in ("gate", "elevator"):
+            raise ValueError("`ble` is for gate and elevator readers")
         if self.profile is None:
             return self
         if self.kind not in MODBUS_KINDS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -55,7 +56,9 @@ class CommandSink(Protocol):
 
 
 class DecisionObserver(Protocol):
-    def record(self, device: DeviceConfig, decision: Any, now: float) -> None: ...
+    def record(
+        self, device: DeviceConfig, decision: Any, now: float, request_id: str | None = None
+    ) -> None: ...
 
 
 @dataclass
@@ -166,12 +169,26 @@ class DeviceRouter:
                 )
             return
         cred = request.credential
-        decision = self._access.decide(device.device_id, cred.type, cred.value, now)
+        await self._decide_and_answer(device, request.request_id, cred.type, cred.value, now)
+
+    async def on_ble_token(self, device_id: str, credential_type: str, token_hex: str) -> None:
+        """A phone's BLE token seen at a reader: decide and tell the reader, unasked."""
+        device = self.devices[device_id]
+        self._metrics.inc("scgw_mqtt_messages_total", channel="ble")
+        request_id = f"ble-{secrets.token_hex(6)}"
+        await self._decide_and_answer(device, request_id, credential_type, token_hex,
+                                      self._clock())
+
+    async def _decide_and_answer(
+        self, device: DeviceConfig, request_id: str, ctype: str, value: str, now: float
+    ) -> None:
+        reply_topic = proto.device_topic(self._root, device.device_id, "access/decision")
+        decision = self._access.decide(device.device_id, ctype, value, now)
         floors = list(decision.floors) if decision.floors is not None else None
         await self._publish(
             reply_topic,
             proto.decision_payload(
-                request.request_id,
+                request_id,
                 granted=decision.granted,
                 action=decision.action,
                 duration_s=decision.duration_s,
@@ -183,7 +200,7 @@ class DeviceRouter:
         result = "granted" if decision.granted else str(decision.reason)
         self._metrics.inc("scgw_access_decisions_total", kind=device.kind, result=result)
         if self._observer is not None:
-            self._observer.record(device, decision, now)
+            self._observer.record(device, decision, now, request_id)
 
     async def _payment(self, device: DeviceConfig, channel: str, payload: bytes) -> None:
         if self._payments is None or device.kind != "canteen":

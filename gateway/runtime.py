@@ -19,12 +19,14 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import uvicorn
+from bleak.backends.scanner import BaseBleakScanner
 from fastapi import APIRouter
 from sqlalchemy import Engine
 
 from api.app import create_app
 from api.context import ApiContext, JwtSettings
 from api.routers import all_extra_routers
+from device_drivers.ble import BleScanner, BleScannerConfig
 from device_drivers.mqtt import MqttLink
 from device_drivers.mqtt_protocol import device_topic, subscriptions
 from gateway.access_service import AccessService
@@ -49,7 +51,13 @@ class _ApiServer(uvicorn.Server):
 
 
 class Gateway:
-    def __init__(self, config: SiteConfig, extra_routers: Sequence[APIRouter] = ()) -> None:
+    def __init__(
+        self,
+        config: SiteConfig,
+        extra_routers: Sequence[APIRouter] = (),
+        ble_backend: type[BaseBleakScanner] | None = None,
+    ) -> None:
+        self._ble_backend = ble_backend
         self.config = config
         self.metrics = Registry()
         self.bus = TelemetryBus()
@@ -130,12 +138,12 @@ class Gateway:
             "scgw_mqtt_connected", "1 while connected to the broker.",
             lambda: float(self.link is not None and self.link.connected.is_set()),
         )
+        await self._start_ble_readers(stack)
         async with asyncio.TaskGroup() as tasks:
             server = self._api_server(engine, access, modbus, payments) if cfg.api.enabled else None
             if server is not None:
-                tasks.create_task(server.serve(), name="api-server")
-                while not server.started:
-                    await asyncio.sleep(0.02)
+                serving = tasks.create_task(server.serve(), name="api-server")
+                await _until_listening(server, serving)
                 self.api_port = server.servers[0].sockets[0].getsockname()[1]
                 log.info("API listening on http://%s:%d", cfg.api.host, self.api_port)
             self.started.set()
@@ -143,6 +151,26 @@ class Gateway:
             log.info("stopping")
             if server is not None:
                 server.should_exit = True
+
+    async def _start_ble_readers(self, stack: AsyncExitStack) -> None:
+        """One scanner per reader with a BLE radio; a missing radio is logged, not fatal."""
+        assert self.router is not None
+        for device in self.config.devices:
+            if device.ble is None:
+                continue
+            scanner = BleScanner(
+                BleScannerConfig(
+                    device.device_id,
+                    rssi_threshold_dbm=device.ble.rssi_threshold_dbm,
+                    adapter=device.ble.adapter,
+                ),
+                self.router.on_ble_token,
+                backend=self._ble_backend,
+            )
+            try:
+                await stack.enter_async_context(scanner)
+            except Exception as exc:  # bleak raises backend-specific errors
+                log.error("BLE reader %s not started: %s", device.device_id, exc)
 
     def _api_server(self, engine: Engine, access: Any, modbus: Any, canteen: Any) -> _ApiServer:
         cfg = self.config
@@ -173,12 +201,22 @@ class Gateway:
         return _ApiServer(config)
 
 
+async def _until_listening(server: _ApiServer, serving: asyncio.Task[None]) -> None:
+    """Uvicorn offers a flag, not an event; a bind failure ends its task instead."""
+    while not server.started:
+        if serving.done():
+            raise ConfigError("api", ["the API server could not start (is the port in use?)"])
+        await asyncio.sleep(0.02)
+
+
 class _AuditObserver:
     def __init__(self, audit: Any) -> None:
         self._audit = audit
 
-    def record(self, device: Any, decision: Any, now: float) -> None:
-        self._audit.record_decision(device.device_id, device.kind, decision, now)
+    def record(
+        self, device: Any, decision: Any, now: float, request_id: str | None = None
+    ) -> None:
+        self._audit.record_decision(device.device_id, device.kind, decision, now, request_id)
 
 
 def command_topic(config: SiteConfig, device_id: str) -> str:

@@ -19,6 +19,8 @@ from typing import Any
 
 import aiomqtt
 
+from device_drivers.mqtt import disable_nagle
+
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +57,7 @@ class ReaderSimulator:
             will=aiomqtt.Will(self.topic("status"), b'{"online":false}', qos=1, retain=True),
         )
         await self._client.__aenter__()
+        disable_nagle(self._client)
         await self._client.subscribe(self.topic("access/decision"), qos=1)
         await self._client.subscribe(self.topic("command"), qos=1)
         await self._client.publish(self.topic("status"), b'{"online":true}', qos=1, retain=True)

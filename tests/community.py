@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bleak.backends.scanner import BaseBleakScanner
+
 from gateway.broker import Mosquitto
 from gateway.config import SiteConfig
 from gateway.demo import BUILDINGS, READERS
@@ -29,7 +31,9 @@ class Running:
         return f"http://127.0.0.1:{self.gateway.api_port}"
 
 
-def site_config(broker: Mosquitto, db_url: str, root: str) -> SiteConfig:
+def site_config(
+    broker: Mosquitto, db_url: str, root: str, ble_readers: tuple[str, ...] = ()
+) -> SiteConfig:
     return SiteConfig.model_validate(
         {
             "site": {"id": "test"},
@@ -38,21 +42,29 @@ def site_config(broker: Mosquitto, db_url: str, root: str) -> SiteConfig:
             "database": {"url": db_url},
             "api": {"port": 0, "jwt_secret": secrets.token_hex(32)},
             "buildings": BUILDINGS,
-            "devices": READERS,
+            "devices": [
+                {**r, "ble": {"rssi_threshold_dbm": -80}} if r["device_id"] in ble_readers else r
+                for r in READERS
+            ],
         }
     )
 
 
 @asynccontextmanager
-async def running_gateway(broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Running]:
+async def running_gateway(
+    broker: Mosquitto,
+    tmp_path: Path,
+    ble_readers: tuple[str, ...] = (),
+    ble_backend: type[BaseBleakScanner] | None = None,
+) -> AsyncIterator[Running]:
     root = f"t{secrets.token_hex(4)}"  # isolates tests sharing one broker
     db_url = f"sqlite:///{tmp_path / 'gw.db'}"
-    config = site_config(broker, db_url, root)
+    config = site_config(broker, db_url, root, ble_readers)
     db.upgrade(db_url)
     engine = db.make_engine(db_url)
     people = seed_demo(engine, config)
     engine.dispose()
-    gateway = Gateway(config)
+    gateway = Gateway(config, ble_backend=ble_backend)
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop))
     started = asyncio.create_task(gateway.started.wait())

@@ -10,7 +10,7 @@ import aiomqtt
 import httpx
 
 from gateway.broker import Mosquitto
-from simulators.phone import SimulatedPhone
+from simulators.phone import SimulatedAir, SimulatedPhone
 from simulators.readers import ReaderSimulator
 from tests.community import Running, running_gateway
 
@@ -136,3 +136,28 @@ async def test_resident_gets_a_token_and_remote_unlocks_through_the_api(
             assert (await http.post("/api/v1/me/access-token")).status_code == 401
             forged = {"Authorization": "Bearer " + login.json()["access_token"][:-4] + "AAAA"}
             assert (await http.post("/api/v1/me/access-token", headers=forged)).status_code == 401
+
+
+async def test_phone_near_a_ble_reader_opens_it_without_asking(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The BLE radio is the hardware boundary: SimulatedAir stands in for it."""
+    air = SimulatedAir()
+    async with running_gateway(
+        mosquitto, tmp_path, ble_readers=("gate-north",), ble_backend=air.backend
+    ) as run:
+        async with _reader(mosquitto, run, "gate-north", "gate") as gate:
+            phone = _phone(run)
+            assert air.broadcast(phone, rssi=-95) == 1  # too far away: ignored
+            await asyncio.sleep(0.3)
+            assert gate.actuations == []
+            for _ in range(5):  # a phone advertises repeatedly; the door opens once
+                air.broadcast(phone, rssi=-60)
+            for _ in range(50):
+                if gate.actuations:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            assert [a.action for a in gate.actuations] == ["unlock"]
+        metrics = run.gateway.metrics
+        assert metrics.value("scgw_access_decisions_total", kind="gate", result="granted") == 1
