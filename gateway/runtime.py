@@ -35,6 +35,7 @@ from gateway.canteen import CanteenService
 from gateway.config import ConfigError, SiteConfig
 from gateway.device_router import DeviceRouter
 from gateway.events import TelemetryBus
+from gateway.latest import LatestReadings
 from gateway.metrics import Registry
 from gateway.modbus_bridge import ModbusCommands, modbus_fleet
 from gateway.store import db
@@ -103,6 +104,7 @@ class Gateway:
                 f"Canteen payments answered: {outcome}.",
                 lambda o=outcome: float(payments.counts()[o]),  # type: ignore[misc]
             )
+        latest = await stack.enter_async_context(LatestReadings(self.bus, set(devices)))
         modbus = await stack.enter_async_context(modbus_fleet(cfg, self.bus))
         commands = ModbusCommands(cfg.mqtt.root, modbus, self._publish)
         self.router = DeviceRouter(
@@ -140,7 +142,8 @@ class Gateway:
         )
         await self._start_ble_readers(stack)
         async with asyncio.TaskGroup() as tasks:
-            server = self._api_server(engine, access, modbus, payments) if cfg.api.enabled else None
+            extras = {"modbus": modbus, "canteen": payments, "latest": latest}
+            server = self._api_server(engine, access, extras) if cfg.api.enabled else None
             if server is not None:
                 serving = tasks.create_task(server.serve(), name="api-server")
                 await _until_listening(server, serving)
@@ -172,7 +175,7 @@ class Gateway:
             except Exception as exc:  # bleak raises backend-specific errors
                 log.error("BLE reader %s not started: %s", device.device_id, exc)
 
-    def _api_server(self, engine: Engine, access: Any, modbus: Any, canteen: Any) -> _ApiServer:
+    def _api_server(self, engine: Engine, access: Any, extras: dict[str, Any]) -> _ApiServer:
         cfg = self.config
         assert cfg.api.jwt_secret is not None and self.router is not None
         link = self.link
@@ -187,7 +190,7 @@ class Gateway:
             publish=self._publish,
             device_state=self.router.state,
             ready=lambda: link is not None and link.connected.is_set(),
-            extras={"modbus": modbus, "canteen": canteen, "bus": self.bus},
+            extras=extras,
         )
         app = create_app(ctx, [*all_extra_routers(), *self._extra_routers])
         config = uvicorn.Config(

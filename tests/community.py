@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bleak.backends.scanner import BaseBleakScanner
 
@@ -26,13 +27,20 @@ class Running:
     people: DemoPeople
     root: str
 
+    def login(self, role: str) -> dict[str, Any]:
+        return next(u for u in self.people.logins if u["role"] == role)
+
     @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.gateway.api_port}"
 
 
 def site_config(
-    broker: Mosquitto, db_url: str, root: str, ble_readers: tuple[str, ...] = ()
+    broker: Mosquitto,
+    db_url: str,
+    root: str,
+    ble_readers: tuple[str, ...] = (),
+    extra_devices: Sequence[dict[str, Any]] = (),
 ) -> SiteConfig:
     return SiteConfig.model_validate(
         {
@@ -45,7 +53,7 @@ def site_config(
             "devices": [
                 {**r, "ble": {"rssi_threshold_dbm": -80}} if r["device_id"] in ble_readers else r
                 for r in READERS
-            ],
+            ] + list(extra_devices),
         }
     )
 
@@ -56,10 +64,11 @@ async def running_gateway(
     tmp_path: Path,
     ble_readers: tuple[str, ...] = (),
     ble_backend: type[BaseBleakScanner] | None = None,
+    extra_devices: Sequence[dict[str, Any]] = (),
 ) -> AsyncIterator[Running]:
     root = f"t{secrets.token_hex(4)}"  # isolates tests sharing one broker
     db_url = f"sqlite:///{tmp_path / 'gw.db'}"
-    config = site_config(broker, db_url, root, ble_readers)
+    config = site_config(broker, db_url, root, ble_readers, extra_devices)
     db.upgrade(db_url)
     engine = db.make_engine(db_url)
     people = seed_demo(engine, config)

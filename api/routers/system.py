@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, HTTPException, Response, status
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel
 
@@ -69,3 +69,25 @@ async def list_devices(
             )
         )
     return out
+
+
+class LatestOut(BaseModel):
+    device_id: str
+    kind: str
+    ts: float
+    metrics: dict[str, float]
+
+
+@router.get("/api/v1/devices/{device_id}/latest", response_model=LatestOut)
+async def latest_reading(
+    ctx: Ctx,
+    device_id: str,
+    _user: Annotated[User, Depends(require_roles(Role.STAFF, Role.ENGINEER))],
+) -> LatestOut:
+    """The newest value of every metric the device reported (Modbus poll or MQTT telemetry)."""
+    latest = ctx.extras.get("latest")
+    reading = latest.get(device_id) if latest is not None else None
+    if reading is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no readings from {device_id!r}")
+    return LatestOut(device_id=reading.device_id, kind=reading.kind, ts=reading.ts,
+                     metrics=dict(reading.metrics))
