@@ -302,7 +302,8 @@ def test_ten_thousand_random_tokens_grant_nothing() -> None:
             credential = Credential("qr", c.QR_PREFIX + base64.urlsafe_b64encode(raw)
                                     .rstrip(b"=").decode())
         else:
-            credential = Credential("ble", (bytes([2]) + cid + step + secrets.token_bytes(10)).hex())
+            raw = bytes([2]) + cid + step + secrets.token_bytes(10)
+            credential = Credential("ble", raw.hex())
         reader = (GATE, DOOR_A, ELEV_A, ELEV_B, TILL, GYM)[i % 6]
         decision = decide(index, reader, credential, NOW)
         grants += decision.granted

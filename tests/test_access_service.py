@@ -166,6 +166,7 @@ async def test_app_tokens_and_remote_checks(engine: Engine) -> None:
         issued = service.issue_qr("r-alice", time.time())
         assert issued is not None and issued.credential_id == new.credential.credential_id
         qr, expires_at, credential_id = issued
+        assert credential_id == issued.credential_id
         assert expires_at > time.time() and qr not in repr(issued)
         assert service.decide("elev-a-1", "qr", qr).floors == (-1, 1, 12)
         named = service.issue_qr("r-alice", credential_id=old.credential.credential_id)
@@ -309,7 +310,7 @@ class DirectoryMachine(RuleBasedStateMachine):
         with self.engine.connect() as conn:
             index = build_index(d.load_snapshot(conn))
         readers = [*READERS, Reader("gym", "gate", restricted=True)]
-        for key, resident in self.holder.items():
+        for key in self.holder:
             kind, ref = key
             if kind == "card":
                 credentials = [Credential("card", ref)]

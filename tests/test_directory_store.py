@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -93,7 +93,7 @@ def test_units_and_residents_are_idempotent_and_refuse_contradictions(engine: En
 
 def test_every_write_bumps_the_version_and_reads_do_not(engine: Engine) -> None:
     seen = [version(engine)]
-    writes = [
+    writes: list[Callable[[Connection], object]] = [
         lambda c: d.issue_card(c, "r-alice", "gate", "G-1"),
         lambda c: d.enrol_phone_credential(c, "r-alice", "phone"),
         lambda c: d.update_resident(c, "r-alice", name="Alice W"),
@@ -226,7 +226,7 @@ def test_access_groups(engine: Engine) -> None:
         with pytest.raises(d.NotFound):
             d.add_group_member(conn, "g-none", "r-alice")
     for bad in ((7, 0, 60), (0, 60, 60), (0, -1, 60), (0, 0, 1441)):
-        with pytest.raises(d.DirectoryError, match="weekday|window"):
+        with pytest.raises(d.DirectoryError, match=r"weekday|window"):
             d.ScheduleWindow(*bad)
     with engine.begin() as conn:
         d.delete_access_group(conn, "g-gym")

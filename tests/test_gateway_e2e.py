@@ -161,3 +161,37 @@ async def test_phone_near_a_ble_reader_opens_it_without_asking(
             assert [a.action for a in gate.actuations] == ["unlock"]
         metrics = run.gateway.metrics
         assert metrics.value("scgw_access_decisions_total", kind="gate", result="granted") == 1
+
+
+async def test_elevator_call_only_to_permitted_floors(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    async with running_gateway(mosquitto, tmp_path) as run:
+        alice = run.people.residents[0]
+        async with (
+            httpx.AsyncClient(base_url=run.api, timeout=10) as http,
+            _reader(mosquitto, run, "elev-b1-1", "elevator") as car,
+        ):
+            login = await http.post(
+                "/api/v1/auth/token", data={"username": alice.username, "password": alice.password}
+            )
+            auth = {"Authorization": f"Bearer {login.json()['access_token']}"}
+            home = await http.post("/api/v1/elevators/elev-b1-1/call", headers=auth,
+                                   json={"floor": alice.floor})
+            assert home.status_code == 202, home.text
+            neighbour = await http.post("/api/v1/elevators/elev-b1-1/call", headers=auth,
+                                        json={"floor": 3})
+            assert neighbour.status_code == 403
+            other_building = await http.post("/api/v1/elevators/elev-b2-1/call", headers=auth,
+                                             json={"floor": 1})
+            assert other_building.status_code == 403
+            not_an_elevator = await http.post("/api/v1/elevators/gate-north/call", headers=auth,
+                                              json={"floor": 1})
+            assert not_an_elevator.status_code == 404
+            for _ in range(50):
+                if car.actuations:
+                    break
+                await asyncio.sleep(0.05)
+            assert [(a.action, a.floors) for a in car.actuations] == [
+                ("call_floor", (alice.floor,))
+            ]
