@@ -56,7 +56,9 @@ def test_every_problem_is_reported_with_line_and_key() -> None:
     assert problems[0].startswith("line 2: site.id: String should match pattern")
     assert problems[1].startswith("line 4: mqtt.url:")
     assert problems[2].startswith("line 6: devices.0.kind: Input should be 'gate'")
-    assert problems[3] == "line 9: devices.1.colour: unknown key (check its spelling and indentation)"
+    assert problems[3] == (
+        "line 9: devices.1.colour: unknown key (check its spelling and indentation)"
+    )
 
 
 def test_bad_environment_value_is_attributed_to_the_variable() -> None:
