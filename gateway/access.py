@@ -188,11 +188,9 @@ def _resident_decision(index: DirectoryIndex, reader: Reader, resident: Resident
                           consume=consume)
 
 
-def _visitor_decision(index: DirectoryIndex, reader: Reader, visit: PassEntry, clock: _Clock,
-                      now: float, used: int, ctype: str, ref: str,
-                      consume: ParsedToken) -> AccessDecision:
-    issuer = visit.issuer
-
+def _visitor_decision(index: DirectoryIndex, reader: Reader, visit: PassEntry,
+                      issuer: ResidentEntry, clock: _Clock, now: float, used: int, ctype: str,
+                      ref: str, consume: ParsedToken) -> AccessDecision:
     def deny(reason: Reason) -> AccessDecision:
         return _deny(reason, ctype, ref, issuer.resident_id, consume, visit.pass_id)
 
@@ -236,37 +234,39 @@ def decide(index: DirectoryIndex, reader: Reader, credential: Credential, now: f
             elsewhere = any(value in by_number for kind, by_number in index.cards.items()
                             if kind != reader.kind)
             return _deny(Reason.NOT_PERMITTED if elsewhere else Reason.UNKNOWN_CARD, ctype, value)
-        if card.revoked:
-            return _deny(Reason.REVOKED, ctype, value, card.holder.resident_id or None)
-        return _resident_decision(index, reader, card.holder, clock, ctype, value, None)
+        holder = index.active_resident(card.resident_id)
+        if card.revoked or holder is None:
+            return _deny(Reason.REVOKED, ctype, value, card.resident_id)
+        return _resident_decision(index, reader, holder, clock, ctype, value, None)
 
     if not value or len(value) > _MAX_TOKEN_TEXT:
         return _deny(Reason.MALFORMED_REQUEST, ctype)
     token = parse_qr(value) if ctype == "qr" else parse_ble_hex(value)
     if token is None:
         return _deny(Reason.INVALID_TOKEN, ctype)
-    entry = index.credentials.get(token.credential_id)
+    entry = index.credential(token.credential_id)
     if entry is None:
         return _deny(Reason.INVALID_TOKEN, ctype)
     ref = entry.credential_id
     error = check(token, entry.secret, now)
     if error is not None:
         return _deny(Reason(error.value), ctype, ref)
-    holder_id = entry.holder.resident_id or None
-    if entry.revoked and entry.visitor_pass is None:
-        return _deny(Reason.REVOKED, ctype, ref, holder_id)
+    holder = index.active_resident(entry.resident_id)
     visit = entry.visitor_pass
+    if entry.revoked or holder is None:
+        return _deny(Reason.REVOKED, ctype, ref, entry.resident_id,
+                     pass_id=visit.pass_id if visit is not None else None)
     if visit is not None:
         used = max(visit.uses, pass_uses.get(visit.pass_id, 0) if pass_uses else 0)
-        return _visitor_decision(index, reader, visit, clock, now, used, ctype, ref, token)
-    return _resident_decision(index, reader, entry.holder, clock, ctype, ref, token)
+        return _visitor_decision(index, reader, visit, holder, clock, now, used, ctype, ref, token)
+    return _resident_decision(index, reader, holder, clock, ctype, ref, token)
 
 
 def decide_for_resident(index: DirectoryIndex, reader: Reader, resident_id: str,
                         now: float) -> AccessDecision:
     """The same rights for a logged-in resident using the app (remote unlock, elevator call)."""
-    resident = index.residents.get(resident_id)
-    if resident is None or not resident.active:
+    resident = index.active_resident(resident_id)
+    if resident is None:
         return _deny(Reason.REVOKED, "app", None, resident_id)
     return _resident_decision(index, reader, resident, _Clock(index, now), "app", None, None)
 

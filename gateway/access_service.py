@@ -11,6 +11,7 @@ gates must keep opening for residents while the store is being repaired.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -35,10 +36,14 @@ from gateway.access import (
 )
 from gateway.directory_index import DirectoryIndex, build_index, empty_index
 from gateway.store.directory import (
+    ALL_PARTS,
     Building,
+    ChangeSet,
     Floor,
     directory_version,
+    load_delta,
     load_snapshot,
+    pending_changes,
     record_visitor_pass_uses,
     upsert_building,
 )
@@ -193,7 +198,9 @@ class AccessService:
 
         None when there is none: the resident must enrol a phone first.
         """
-        usable = self._index.active_credentials.get(resident_id, ())
+        index = self._index
+        usable = index.phones_of.get(resident_id, ()) if index.active_resident(
+            resident_id) else ()
         if credential_id is None and usable:
             credential_id = usable[-1]
         if credential_id is None or credential_id not in usable:
@@ -202,38 +209,67 @@ class AccessService:
 
     def issue_visitor_qr(self, pass_id: str, now: float | None = None) -> IssuedToken | None:
         """A QR for a visitor's browser; None when the pass is unknown or revoked."""
-        visit = self._index.visitor_passes.get(pass_id)
-        entry = self._index.credentials.get(visit.credential_id) if visit is not None else None
-        if entry is None or entry.revoked or entry.visitor_pass is not visit:
+        index = self._index
+        visit = index.visitor_passes.get(pass_id)
+        if visit is None or visit.revoked or index.active_resident(visit.issuer_id) is None:
             return None
-        return self._mint(entry.credential_id, now)
+        return self._mint(visit.credential_id, now)
 
     def _mint(self, credential_id: str, now: float | None) -> IssuedToken:
         now = time.time() if now is None else now
-        secret = self._index.credentials[credential_id].secret
+        entry = self._index.credential(credential_id)
+        assert entry is not None
+        secret = entry.secret
         return IssuedToken(credentials.mint_qr(credential_id, secret, now),
                            credentials.qr_expires_at(now), credential_id)
 
     # --- keeping the index current --------------------------------------------------------
 
-    async def refresh_now(self) -> None:
-        """Rebuild from the store now; the next decision sees every write committed before."""
+    async def refresh_now(self, full: bool = False) -> None:
+        """Catch up with the store now; the next decision sees every write committed before.
+
+        Only what changed is reloaded (single cards and phones row by row, other parts of
+        the directory whole) unless `full` is given.
+        """
         async with self._rebuild:
-            index = await asyncio.to_thread(self._load)
+            started = time.perf_counter()
+            previous = self._index
+            index = await asyncio.to_thread(self._load, previous, full)
+            if index is previous:
+                return
             self._index = index
             self.rebuilds += 1
             self._pass_uses = {pid: n for pid, n in self._pass_uses.items()
                                if pid in index.visitor_passes
                                and n > index.visitor_passes[pid].uses}
-        log.info("access index version %d: %s", index.version, index.sizes)
+        log.info("access index version %d in %.3f s: %s", index.version,
+                 time.perf_counter() - started, index.sizes)
 
-    def _load(self) -> DirectoryIndex:
-        with self._read.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                conn = conn.execution_options(isolation_level="REPEATABLE READ")
-            with conn.begin():
-                snapshot = load_snapshot(conn)
-        return build_index(snapshot, self._tz)
+    def _load(self, previous: DirectoryIndex, full: bool) -> DirectoryIndex:
+        """The index after the changes since `previous`; `previous` itself if there are none."""
+        # A rebuild allocates a few hundred thousand objects; left on, the cyclic GC runs
+        # dozens of passes over the whole heap meanwhile, which made the rebuild 1.6x slower.
+        # Nothing built here forms reference cycles, so refcounting frees all of it anyway.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            with self._read.connect() as conn:
+                if conn.dialect.name == "postgresql":
+                    conn = conn.execution_options(isolation_level="REPEATABLE READ")
+                with conn.begin():
+                    version = directory_version(conn)
+                    if version == previous.version and not full:
+                        return previous
+                    if full or previous.version == 0 or version < previous.version:
+                        changes = ChangeSet(ALL_PARTS)
+                    else:
+                        changes = pending_changes(conn, previous.version)
+                    snapshot = load_snapshot(conn, changes.parts)
+                    delta = load_delta(conn, changes)
+            return build_index(snapshot, self._tz, previous, delta)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     def _version(self) -> int:
         with self._read.connect() as conn:

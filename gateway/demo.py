@@ -22,12 +22,14 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from device_drivers.mqtt_protocol import Credential
 from gateway.broker import EmbeddedBroker, Mosquitto, free_port, mosquitto_binary
 from gateway.config import SiteConfig
 from gateway.demo_seed import DemoPeople, DemoResident, seed_demo
 from gateway.ledger.service import Ledger
 from gateway.runtime import Gateway, install_signal_handlers
 from gateway.store import db
+from simulators.canteen import CanteenTerminal, card_credential
 from simulators.modbus_units import SimulatedUnits, UnitSpec
 from simulators.phone import SimulatedPhone
 from simulators.readers import ReaderSimulator
@@ -163,9 +165,14 @@ async def run_demo(
                         )
                         for r in READERS if r["kind"] in ("gate", "elevator")
                     }
-                    await sims.enter_async_context(_canteen_terminals(broker, people))
+                    till = await sims.enter_async_context(
+                        CanteenTerminal(broker.host, broker.port, "canteen-1", root=ROOT)
+                    )
                     life = [
                         tasks.create_task(resident_life(r, readers, 6.0), name=f"life-{r.name}")
+                        for r in people.residents
+                    ] + [
+                        tasks.create_task(lunch(r, till, 8.0), name=f"lunch-{r.name}")
                         for r in people.residents
                     ]
                     await stop.wait()
@@ -222,6 +229,24 @@ def _prepare_canteen(engine: Engine, people: DemoPeople) -> None:
         ledger.topup(resident.resident_id, 20_000, f"demo-welcome-{resident.resident_id}")
 
 
-@contextlib.asynccontextmanager
-async def _canteen_terminals(broker: Broker, people: DemoPeople) -> AsyncIterator[None]:
-    yield
+async def lunch(resident: DemoResident, till: CanteenTerminal, period_s: float) -> None:
+    """A resident buying lunch: the phone's payment QR one day, the old canteen card the next."""
+    phone = SimulatedPhone(resident.credential_id, resident.secret)
+
+    def pay_by_phone() -> Credential:
+        return Credential("qr", phone.qr())
+
+    while True:
+        await asyncio.sleep(period_s * random.uniform(0.5, 1.5))
+        amount = random.choice([1200, 1500, 1800, 2200])
+        by_phone = random.random() < 0.6
+        sale = await till.sell(
+            amount, pay_by_phone if by_phone else card_credential(resident.cards["canteen"])
+        )
+        answer = sale.result or {}
+        log.info(
+            "%s pays %.2f at %s by %s: %s (balance %.2f)", resident.name, amount / 100,
+            till.device_id, "phone" if by_phone else "card",
+            "approved" if answer.get("approved") else answer.get("reason", sale.outcome),
+            (answer.get("balance_cents") or 0) / 100,
+        )

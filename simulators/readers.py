@@ -19,7 +19,7 @@ from typing import Any
 
 import aiomqtt
 
-from device_drivers.mqtt import disable_nagle
+from device_drivers.mqtt import NO_DELAY
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,9 @@ class ReaderSimulator:
             self.port,
             identifier=f"sim-{self.device_id}-{secrets.token_hex(3)}",
             will=aiomqtt.Will(self.topic("status"), b'{"online":false}', qos=1, retain=True),
+            socket_options=NO_DELAY,
         )
         await self._client.__aenter__()
-        disable_nagle(self._client)
         await self._client.subscribe(self.topic("access/decision"), qos=1)
         await self._client.subscribe(self.topic("command"), qos=1)
         await self._client.publish(self.topic("status"), b'{"online":true}', qos=1, retain=True)

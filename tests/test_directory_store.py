@@ -86,7 +86,7 @@ def test_units_and_residents_are_idempotent_and_refuse_contradictions(engine: En
         generated = d.create_resident(conn, "a-1201", "Dan", "family")
     assert generated.resident_id.startswith("r-")
     with engine.connect() as conn:
-        assert [r.name for r in d.list_residents(conn, "a-1201")] == ["Alice", "Dan"]
+        assert {r.name for r in d.list_residents(conn, "a-1201")} == {"Alice", "Dan"}
         assert {u.unit_id for u in d.list_units(conn, "a")} == {"a-1201", "a-0501"}
         assert [f.number for f in d.list_floors(conn, "b") if f.public] == [1]
 
@@ -303,3 +303,62 @@ def test_upsert_building_mirrors_config(engine: Engine) -> None:
         floors = {f.number: f for f in d.list_floors(conn, "b")}
         assert floors[20].public and floors[20].label == "gym" and 21 in floors
         assert len(conn.execute(select(d.buildings)).all()) == 2
+
+
+def test_changes_name_what_they_touch(engine: Engine) -> None:
+    """A gateway reloads only this, so a wrong name here would hide a revocation."""
+    with engine.begin() as conn:
+        d.issue_card(conn, "r-alice", "gate", "G-A")
+        phone = d.enrol_phone_credential(conn, "r-alice").credential.credential_id
+        visit = d.issue_visitor_pass(conn, "r-alice", "Dana", NOW, NOW + 60).visitor_pass.pass_id
+    cases: list[tuple[Callable[[Connection], object], d.ChangeSet]] = [
+        (lambda c: d.upsert_building(c, d.Building("b", "B2"), []), d.ChangeSet(
+            frozenset({"places"}))),
+        (lambda c: d.create_unit(c, "b-0101", "b", 1), d.ChangeSet(frozenset({"people"}))),
+        (lambda c: d.create_resident(c, "b-0101", "Dan", "owner"), d.ChangeSet(
+            frozenset({"people"}))),
+        (lambda c: d.update_resident(c, "r-bob", unit_id="b-0801"), d.ChangeSet(
+            frozenset({"people"}))),
+        (lambda c: d.create_access_group(c, "gym", group_id="g"), d.ChangeSet(
+            frozenset({"people"}))),
+        (lambda c: d.add_group_member(c, "g", "r-bob"), d.ChangeSet(frozenset({"people"}))),
+        (lambda c: d.issue_card(c, "r-bob", "gate", "G:B"), d.ChangeSet(
+            frozenset(), cards=frozenset({("gate", "G:B")}))),
+        (lambda c: d.revoke_card(c, "gate", "G-A"), d.ChangeSet(
+            frozenset(), cards=frozenset({("gate", "G-A")}))),
+        (lambda c: d.revoke_phone_credential(c, phone), d.ChangeSet(
+            frozenset(), phones=frozenset({phone}))),
+        (lambda c: d.revoke_visitor_pass(c, visit), d.ChangeSet(frozenset({"passes"}))),
+        (lambda c: d.move_out(c, "r-alice"), d.ChangeSet(
+            frozenset({"people", "passes"}), residents=frozenset({"r-alice"}))),
+    ]
+    for write, expected in cases:
+        since = version(engine)
+        with engine.begin() as conn:
+            write(conn)
+        with engine.connect() as conn:
+            changes = d.pending_changes(conn, since)
+            assert changes == expected
+            partial = d.load_snapshot(conn, changes.parts)
+            delta = d.load_delta(conn, changes)
+        assert partial.parts == changes.parts
+        assert bool(partial.residents) == bool(partial.units) == ("people" in changes.parts)
+        assert {(c.kind, c.card_number) for c in delta.cards} >= changes.cards
+    assert {(c.card_number, c.revoked_at is not None) for c in delta.cards} == {
+        ("G-A", True)}  # the moved-out resident's cards, re-read
+    assert {p.credential_id for p in delta.phone_credentials} == {phone}
+    latest = version(engine)
+    with engine.connect() as conn:
+        assert d.pending_changes(conn, 0) == d.ChangeSet(d.ALL_PARTS)
+        assert d.pending_changes(conn, latest) == d.ChangeSet(frozenset())
+        assert d.load_delta(conn, d.ChangeSet(frozenset())) == d.DirectoryDelta()
+    with engine.begin() as conn:
+        with pytest.raises(ValueError, match="unknown directory change"):
+            d.bump(conn, "card.lost")
+        with pytest.raises(ValueError, match="parts"):
+            d.load_snapshot(conn, ["cards", "pets"])
+        for n in range(d.MAX_ROW_CHANGES + 1):
+            d.bump(conn, "card.issue", f"gate:N{n}")
+        assert d.pending_changes(conn, latest) == d.ChangeSet(frozenset({"cards"}))  # an import
+        conn.execute(d.directory_changes.delete().where(d.directory_changes.c.change_id < latest))
+        assert d.pending_changes(conn, latest - 2) == d.ChangeSet(d.ALL_PARTS)  # log pruned

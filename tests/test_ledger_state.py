@@ -50,11 +50,12 @@ class Expected:
 
 
 class LedgerMachine(RuleBasedStateMachine):
-    def __init__(self, url: str) -> None:
+    url = ""  # set by the test on a subclass
+
+    def __init__(self) -> None:
         super().__init__()
-        self.url = url
         self.prefix = f"e{next(_examples)}"
-        self.engine = make_engine(url)
+        self.engine = make_engine(self.url)
         self.ledger = Ledger(self.engine)
         self.balances: dict[str, int] = {}
         self.payments: dict[tuple[str, str], Expected] = {}
@@ -168,11 +169,13 @@ class LedgerMachine(RuleBasedStateMachine):
         items: list[BatchPayment] = []
         for _ in range(size):
             known = [k for k in self.payments if k[0] == term]
-            if known and data.draw(st.booleans()):
+            retry = bool(known) and data.draw(st.booleans())
+            duplicate = bool(items) and data.draw(st.booleans())
+            if retry:
                 key = data.draw(st.sampled_from(sorted(known)))
                 e = self.payments[key]
                 items.append(BatchPayment(key[1], e.amount, e.account or Reason.REVOKED, 1.0))
-            elif items and data.draw(st.booleans()):
+            elif duplicate:
                 items.append(data.draw(st.sampled_from(items)))  # duplicate within the upload
             else:
                 resolution = self.resolution(data.draw(st.integers(0, PURSES)),
@@ -230,8 +233,11 @@ def migrated(database_url: str) -> Iterator[str]:
 
 
 def test_ledger_state_machine(migrated: str) -> None:
+    class Bound(LedgerMachine):
+        url = migrated
+
     run_state_machine_as_test(
-        lambda: LedgerMachine(migrated),
+        Bound,
         settings=settings(max_examples=25, stateful_step_count=25, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow]),
     )

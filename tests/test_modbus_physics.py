@@ -27,7 +27,8 @@ def test_room_temperature_follows_the_setpoint() -> None:
 
 def test_power_follows_outdoor_temperature_and_load() -> None:
     def settled_power(outdoor: float) -> float:
-        return run("hvac", UnitState(room_c=24.0), HVAC, Environment(outdoor_c=outdoor), 600).power_w
+        env = Environment(outdoor_c=outdoor)
+        return run("hvac", UnitState(room_c=24.0), HVAC, env, 600).power_w
     assert settled_power(38.0) > settled_power(30.0) * 1.3
     standby = run("hvac", UnitState(), {**HVAC, "running": 0}, Environment(), 60)
     assert standby.power_w < 10

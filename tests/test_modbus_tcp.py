@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -303,7 +304,7 @@ async def test_garbage_values_are_dropped(hvac_units: tuple[SimulatedUnits, list
 async def test_bad_configuration_fails_before_anything_starts(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("profile: bad\nregisters:\n  - {name: a, input_type: input, address: -1}\n")
-    with pytest.raises(ProfileError, match="bad.yaml:3, register #0 'a', key 'address'"):
+    with pytest.raises(ProfileError, match=re.escape("bad.yaml:3, register #0 'a', key 'address'")):
         ModbusFleet([spec("x", str(bad), 1502)], lambda r: None)
     with pytest.raises(ValueError, match="twice"):
         ModbusFleet([spec("x", "air-purifier", 1502)] * 2, lambda r: None)

@@ -7,6 +7,6 @@ from fastapi import APIRouter
 
 def all_extra_routers() -> list[APIRouter]:
     """Feature routers mounted beside auth, system and access."""
-    from api.routers import control
+    from api.routers import canteen, control
 
-    return [control.router]
+    return [canteen.router, control.router]

@@ -11,7 +11,8 @@ id, so the reply to a timed-out request can never answer the next one. RTU frame
 id: after a timeout the line stays reserved for `late_window_s` (default: the timeout again)
 and anything arriving in that window is dropped; every reply must also match the request's
 unit, function, length and address. Only a reply later than twice the timeout with exactly
-the shape of the next request could slip through; the RTU test pins that limit down.
+the shape of the next request could slip through (or, from a unit that was silent through a
+whole window before and so gets a short one, a reply later than its timeout).
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ class ModbusLink:
         self._lock = asyncio.Lock()
         self._quiet_from = 0.0
         self._silent_in_a_row = 0
+        self._rx_bytes = 0
+        self._dead_units: set[int] = set()  # silent through a whole late window last time
         self.requests = 0
         self.connects = 0
 
@@ -91,12 +94,18 @@ class ModbusLink:
             return AsyncModbusSerialClient(
                 ep.port, baudrate=ep.baudrate, parity=ep.parity, stopbits=ep.stopbits,
                 bytesize=ep.bytesize, timeout=_PYMODBUS_TIMEOUT_S, retries=0, reconnect_delay=0,
+                trace_packet=self._count_rx,
             )
         if ep.host is None:
             raise ValueError(f"TCP endpoint on port {ep.port} needs a host")
         return AsyncModbusTcpClient(
             ep.host, port=ep.port, timeout=_PYMODBUS_TIMEOUT_S, retries=0, reconnect_delay=0,
         )
+
+    def _count_rx(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            self._rx_bytes += len(data)
+        return data
 
     async def _connected(self, timeout_s: float, unit_id: int) -> Client:
         if self._client is not None and self._client.connected:
@@ -138,7 +147,7 @@ class ModbusLink:
                 async with asyncio.timeout(timeout_s):
                     response = await call(client)
             except TimeoutError:
-                await self._after_silence(timeout_s)
+                await self._after_silence(unit_id, timeout_s)
                 raise ModbusTimeout(
                     f"unit {unit_id} on {self.endpoint.label}: no answer in {timeout_s:g} s",
                     unit_id=unit_id,
@@ -147,11 +156,12 @@ class ModbusLink:
                 self._drop()
                 raise LinkDown(f"{self.endpoint.label}: {exc}", unit_id=unit_id) from None
             except ModbusException as exc:  # undecodable frame, wrong unit id
-                await self._after_silence(timeout_s)
+                await self._after_silence(unit_id, timeout_s)
                 raise BadResponse(f"unit {unit_id}: {exc}", unit_id=unit_id) from None
             finally:
                 self._quiet_from = time.monotonic()
             self._silent_in_a_row = 0
+            self._dead_units.discard(unit_id)
         if response.isError():
             raise exception_for_code(response.exception_code, unit_id=unit_id)
         problem = check(response)
@@ -159,8 +169,13 @@ class ModbusLink:
             raise BadResponse(f"unit {unit_id}: {problem}", unit_id=unit_id)
         return response
 
-    async def _after_silence(self, timeout_s: float) -> None:
-        """Make sure a reply still on its way cannot be read as the next one."""
+    async def _after_silence(self, unit_id: int, timeout_s: float) -> None:
+        """Make sure a reply still on its way cannot be read as the next one.
+
+        On RTU the line stays reserved for the late window. A unit that stayed silent through
+        a whole window is dead rather than slow, and its next windows are short, so a dead
+        unit costs the other units on the line little more than its timeouts.
+        """
         self._silent_in_a_row += 1
         client = self._client
         if client is None:
@@ -173,7 +188,14 @@ class ModbusLink:
                 self._drop()
             return
         window = timeout_s if self.late_window_s is None else self.late_window_s
+        if unit_id in self._dead_units:
+            window = min(window, max(0.05, 4 * self.endpoint.frame_gap_s))
+        received = self._rx_bytes
         await asyncio.sleep(window)
+        if self._rx_bytes == received:
+            self._dead_units.add(unit_id)
+        else:
+            self._dead_units.discard(unit_id)
         client.ctx.recv_buffer = b""
 
     async def read(self, unit_id: int, input_type: str, address: int, count: int,

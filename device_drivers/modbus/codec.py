@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
@@ -166,21 +166,76 @@ def write_problems(register: Register, value: float) -> list[str]:
     return []
 
 
+Decoder = Callable[[Sequence[int], int], float]
+_HH = struct.Struct(">HH")
+_F32 = struct.Struct(">f")
+
+
+def _swap_bytes(word: int) -> int:
+    return ((word & 0xFF) << 8) | (word >> 8)
+
+
+def compile_decoder(register: Register) -> Decoder:
+    """A decoder specialised for one register: `decoder(payload, offset) -> value`.
+
+    Same results as `decode` (a test holds them together), several times faster: the poll
+    loop decodes every register of every unit every cycle.
+    """
+    scale, offset, data_type, swap = (register.scale, register.offset, register.data_type,
+                                      register.swap)
+    exact = scale == 1.0 and offset == 0.0
+
+    def finish(raw: float) -> float:
+        return float(raw) if exact else round(raw * scale + offset, 9)
+
+    if register.input_type in BIT_TABLES or data_type == "bool":
+        return lambda p, i: finish(1 if p[i] else 0)
+    if register.width == 1:
+        signed = data_type == "int16"
+
+        def one(p: Sequence[int], i: int) -> float:
+            w = int(p[i])
+            if swap == "byte":
+                w = _swap_bytes(w)
+            return finish(w - 0x10000 if signed and w & 0x8000 else w)
+        return one
+
+    def words(p: Sequence[int], i: int) -> tuple[int, int]:
+        hi, lo = int(p[i]), int(p[i + 1])
+        if swap in ("word", "word_byte"):
+            hi, lo = lo, hi
+        if swap in ("byte", "word_byte"):
+            hi, lo = _swap_bytes(hi), _swap_bytes(lo)
+        return hi, lo
+
+    if data_type == "float32":
+        def f32(p: Sequence[int], i: int) -> float:
+            raw = _F32.unpack(_HH.pack(*words(p, i)))[0]
+            return to_engineering(register, raw)
+        return f32
+    signed = data_type == "int32"
+
+    def i32(p: Sequence[int], i: int) -> float:
+        hi, lo = words(p, i)
+        raw = (hi << 16) | lo
+        return finish(raw - 0x1_0000_0000 if signed and raw & 0x8000_0000 else raw)
+    return i32
+
+
 def decode_block(
     block: ReadBlock, payload: Sequence[int] | Sequence[bool]
 ) -> tuple[dict[str, float], tuple[str, ...]]:
     """A block read -> (plausible metrics, names of registers whose values were rejected)."""
     metrics: dict[str, float] = {}
     rejected: list[str] = []
-    for register in block.registers:
-        start = register.address - block.start
+    for name, start, decoder, low, high in block.decoders:
         try:
-            value = decode(register, payload[start : start + register.width])
-        except (CodecError, IndexError):
-            rejected.append(register.name)
+            value = decoder(payload, start)
+        except (CodecError, IndexError, struct.error):
+            rejected.append(name)
             continue
-        if plausible(register, value):
-            metrics[register.name] = value
+        if value == value and (low is None or value >= low) and (high is None or value <= high):
+            metrics[name] = value  # (value == value is False only for NaN)
         else:
-            rejected.append(register.name)
+            rejected.append(name)
     return metrics, tuple(rejected)

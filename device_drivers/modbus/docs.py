@@ -1,7 +1,7 @@
 """Profiles -> markdown tables (docs/profiles/*.md), generated, never hand-edited.
 
 Regenerate after changing a profile:  .venv/bin/python -m device_drivers.modbus.docs
-Check that the committed docs are current (a test does this):  ... -m device_drivers.modbus.docs --check
+Check the committed docs are current (a test does):  ... -m device_drivers.modbus.docs --check
 """
 
 from __future__ import annotations

@@ -133,8 +133,10 @@ class _Unit:
     async def run(self, phase_s: float) -> None:
         loop = asyncio.get_running_loop()
         scheduled = loop.time() + phase_s
-        while True:
-            await asyncio.sleep(max(0.0, scheduled - loop.time()))
+        while not self.fleet.stopping:
+            delay = scheduled - loop.time()
+            if delay > 0:  # back-to-back polling yields inside the request anyway
+                await asyncio.sleep(delay)
             started = loop.time()
             try:
                 ok = await self.poll_once()
@@ -142,7 +144,8 @@ class _Unit:
                 log.exception("%s: poll failed unexpectedly", self.spec.device_id)
                 ok = False
             finished = loop.time()
-            self.fleet.report_cycle(CycleStats(self.spec.device_id, scheduled, started, finished,
+            if self.fleet.on_cycle is not None:
+                self.fleet.on_cycle(CycleStats(self.spec.device_id, scheduled, started, finished,
                                                ok))
             scheduled = next_poll_at(self.health, scheduled=scheduled, now=finished,
                                      interval_s=self.spec.poll_interval_s, policy=self.policy)
@@ -278,6 +281,7 @@ class ModbusFleet:
             self._units[spec.device_id] = _Unit(spec, profile, link, self)
         self._links = list(links.values())
         self._tasks: list[asyncio.Task[None]] = []
+        self.stopping = False
 
     async def __aenter__(self) -> ModbusFleet:
         for index, unit in enumerate(self._units.values()):
@@ -292,9 +296,14 @@ class ModbusFleet:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Python 3.11's wait_for (inside pymodbus) swallows a cancel that coincides with a
+        # reply, so one cancel() may not stop a busy unit: flag, then cancel until done.
+        self.stopping = True
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         self._tasks.clear()
         for link in self._links:
             await link.close()
@@ -328,7 +337,3 @@ class ModbusFleet:
 
     def health(self) -> Mapping[str, DeviceHealth]:
         return MappingProxyType({d: u.health for d, u in self._units.items()})
-
-    def report_cycle(self, stats: CycleStats) -> None:
-        if self.on_cycle is not None:
-            self.on_cycle(stats)

@@ -44,13 +44,16 @@ class DeviceHealth:
 def record_success(health: DeviceHealth, now: float) -> DeviceHealth:
     """The unit answered (possibly with an exception code: it is alive)."""
     changed = health.state != "online"
-    return replace(
-        health,
-        state="online",
-        last_seen=now,
-        since=now if changed else health.since,
-        polls=health.polls + 1,
-        consecutive_failures=0,
+    return DeviceHealth(  # spelled out: dataclasses.replace costs more, once per poll
+        health.device_id,
+        "online",
+        now,
+        now if changed else health.since,
+        health.polls + 1,
+        health.failures,
+        0,
+        health.rejected_values,
+        health.last_error,
     )
 
 

@@ -24,8 +24,10 @@ from device_drivers.modbus.codec import (
     WIDTH,
     WRITABLE_TABLES,
     DataType,
+    Decoder,
     InputType,
     Swap,
+    compile_decoder,
     encode,
     write_problems,
 )
@@ -165,6 +167,8 @@ class ReadBlock:
     start: int
     count: int
     registers: tuple[Register, ...]
+    # (name, offset in the block, decoder, min, max) per register, prepared once
+    decoders: tuple[tuple[str, int, Decoder, float | None, float | None], ...] = ()
 
 
 def plan_reads(profile: Profile) -> tuple[ReadBlock, ...]:
@@ -190,7 +194,10 @@ def plan_reads(profile: Profile) -> tuple[ReadBlock, ...]:
 
 def _block(table: str, registers: list[Register]) -> ReadBlock:
     start = registers[0].address
-    return ReadBlock(table, start, max(r.end for r in registers) - start, tuple(registers))
+    decoders = tuple((r.name, r.address - start, compile_decoder(r), r.min, r.max)
+                     for r in registers)
+    return ReadBlock(table, start, max(r.end for r in registers) - start, tuple(registers),
+                     decoders)
 
 
 @dataclass(frozen=True, slots=True)

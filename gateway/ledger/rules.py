@@ -209,3 +209,7 @@ class OfflineExposure:
         per_card = dict(self.per_card)
         per_card[card_key] = per_card.get(card_key, 0) + amount_cents
         return OfflineExposure(MappingProxyType(per_card), self.terminal_cents + amount_cents)
+
+
+# The defaults of gateway.config.CanteenConfig.
+DEFAULT_LIMITS = OfflineLimits(per_card_cents=5000, per_terminal_cents=200_000)

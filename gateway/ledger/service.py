@@ -20,15 +20,23 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, tzinfo
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from sqlalchemy import Connection, Engine, RowMapping, bindparam, func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import IntegrityError
 
-from gateway.ledger import reports, rules
+from gateway.ledger import postings, reports, rules
+from gateway.ledger.postings import (
+    IdempotencyConflict,
+    InvalidRequest,
+    LedgerError,
+    Receipt,
+    RefundRefused,
+    StoredPayment,
+    UnknownPayment,
+)
 from gateway.ledger.rules import (
+    DEFAULT_LIMITS,
     OfflineExposure,
     OfflineLimits,
     OverLimit,
@@ -44,85 +52,27 @@ from gateway.ledger.tables import (
     SYSTEM,
     SYSTEM_ACCOUNTS,
     canteen_accounts,
-    canteen_entries,
-    canteen_idempotency,
     canteen_journal,
     canteen_payments,
     canteen_shortfalls,
 )
 
+__all__ = [
+    "BatchPayment",
+    "IdempotencyConflict",
+    "InvalidRequest",
+    "Ledger",
+    "LedgerError",
+    "Receipt",
+    "RefundRefused",
+    "StoredPayment",
+    "UnknownPayment",
+]
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _ATTEMPTS = 5
-DEFAULT_LIMITS = OfflineLimits(per_card_cents=5000, per_terminal_cents=200_000)
-
-# Hot-path statements are built once: constructing Core statements per call cost more than
-# the SQLite work itself (about 100 us each).
-_A, _J, _P = canteen_accounts.c, canteen_journal.c, canteen_payments.c
-_LOCK_PURSES = (
-    select(_A.account_id, _A.balance_cents)
-    .where(_A.account_id.in_(bindparam("ids", expanding=True)), _A.kind == PURSE)
-    .order_by(_A.account_id)
-    .with_for_update()
-)
-_MOVE = (
-    update(canteen_accounts)
-    .where(_A.account_id == bindparam("b_account"))
-    .values(balance_cents=_A.balance_cents + bindparam("b_delta"))
-    .returning(_A.balance_cents)
-)
-_ADD_JOURNAL = insert(canteen_journal).returning(_J.journal_id)
-_ADD_ENTRIES = insert(canteen_entries)
-_ADD_PAYMENT = insert(canteen_payments)
-_ADD_SHORTFALL = insert(canteen_shortfalls)
-_PAYMENT = select(canteen_payments).where(
-    _P.terminal_id == bindparam("b_terminal"), _P.txn_id == bindparam("b_txn")
-)
-_PAYMENTS = select(canteen_payments).where(
-    _P.terminal_id == bindparam("b_terminal"), _P.txn_id.in_(bindparam("b_txns", expanding=True))
-)
-
-
-class LedgerError(Exception):
-    """A top-up or refund that cannot be done; the message is safe to show to staff."""
-
-
-class InvalidRequest(LedgerError):
-    pass
-
-
-class IdempotencyConflict(LedgerError):
-    """The key was already used for a different operation, account or amount."""
-
-
-class UnknownPayment(LedgerError):
-    pass
-
-
-class RefundRefused(LedgerError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    journal_id: int
-    account_id: str
-    amount_cents: int
-    balance_cents: int
-    replayed: bool  # True when the idempotency key had already done this
-
-
-@dataclass(frozen=True, slots=True)
-class StoredPayment:
-    terminal_id: str
-    txn_id: str
-    amount_cents: int
-    account_id: str | None
-    status: Status
-    offline: bool
-    result: PaymentResult
-
 
 @dataclass(frozen=True, slots=True)
 class BatchPayment:
@@ -132,26 +82,6 @@ class BatchPayment:
     amount_cents: int
     resolution: rules.Resolution
     ts: float
-
-
-def _insert_ignore(conn: Connection, table: Any, values: dict[str, Any]) -> None:
-    dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    conn.execute(dialect_insert(table).values(**values).on_conflict_do_nothing())
-
-
-def _stored(row: RowMapping) -> StoredPayment:
-    reason = row["reason"]
-    result = PaymentResult(
-        txn_id=row["txn_id"],
-        approved=row["status"] == Status.APPROVED.value,
-        balance_cents=row["balance_cents"],
-        reason=None if reason is None else Reason(reason),
-        shortfall_cents=row["shortfall_cents"],
-    )
-    return StoredPayment(
-        row["terminal_id"], row["txn_id"], row["amount_cents"], row["account_id"],
-        Status(row["status"]), bool(row["offline"]), result,
-    )
 
 
 class Ledger:
@@ -171,7 +101,7 @@ class Ledger:
         self._clock = clock
         with engine.begin() as conn:
             for account_id in SYSTEM_ACCOUNTS:
-                _insert_ignore(conn, canteen_accounts, {
+                postings.insert_ignore(conn, canteen_accounts, {
                     "account_id": account_id, "kind": SYSTEM, "balance_cents": 0,
                     "created_at": clock(),
                 })
@@ -189,46 +119,6 @@ class Ledger:
                 log.info("ledger transaction lost a unique-key race; retrying (%d)", attempt)
         raise AssertionError("unreachable")
 
-    @staticmethod
-    def _lock_purses(conn: Connection, account_ids: Iterable[str]) -> dict[str, int]:
-        wanted = sorted(set(account_ids))
-        if not wanted:
-            return {}
-        rows = conn.execute(_LOCK_PURSES, {"ids": wanted}).all()
-        return {account_id: balance for account_id, balance in rows}
-
-    def _post(
-        self,
-        conn: Connection,
-        kind: str,
-        purse_id: str,
-        purse_delta: int,
-        system_id: str,
-        now: float,
-        terminal_id: str | None = None,
-        txn_id: str | None = None,
-        idempotency_key: str | None = None,
-    ) -> tuple[int, int]:
-        """Move money between a purse and a system account; returns (journal id, balance)."""
-        purse_balance = conn.execute(
-            _MOVE, {"b_account": purse_id, "b_delta": purse_delta}
-        ).scalar_one()
-        system_balance = conn.execute(
-            _MOVE, {"b_account": system_id, "b_delta": -purse_delta}
-        ).scalar_one()
-        journal_id = conn.execute(_ADD_JOURNAL, {
-            "kind": kind, "account_id": purse_id, "amount_cents": abs(purse_delta),
-            "terminal_id": terminal_id, "txn_id": txn_id, "idempotency_key": idempotency_key,
-            "posted_at": now,
-        }).scalar_one()
-        conn.execute(_ADD_ENTRIES, [
-            {"journal_id": journal_id, "account_id": purse_id, "amount_cents": purse_delta,
-             "balance_after_cents": purse_balance},
-            {"journal_id": journal_id, "account_id": system_id, "amount_cents": -purse_delta,
-             "balance_after_cents": system_balance},
-        ])
-        return journal_id, int(purse_balance)
-
     # -- payments -----------------------------------------------------------------------
 
     def warm_up(self) -> None:
@@ -238,15 +128,15 @@ class Ledger:
         with self.engine.connect() as conn:
             transaction = conn.begin()
             try:
-                _insert_ignore(conn, canteen_accounts, {
+                postings.insert_ignore(conn, canteen_accounts, {
                     "account_id": "warm-up", "kind": PURSE, "balance_cents": 0,
                     "created_at": 0.0,
                 })
-                self._lock_purses(conn, ["warm-up"])
-                self._post(conn, "topup", "warm-up", 1, CASH_ACCOUNT, 0.0)
+                postings.lock_purses(conn, ["warm-up"])
+                postings.post(conn, "topup", "warm-up", 1, CASH_ACCOUNT, 0.0)
                 self._decide_one(conn, probe, {"warm-up": 1}, None)
                 self._decide_one(conn, probe, {"warm-up": 0}, None)
-                conn.execute(_PAYMENTS, {"b_terminal": "warm-up", "b_txns": ["warm-up"]})
+                postings.load_payments(conn, "warm-up", ["warm-up"])
             finally:
                 transaction.rollback()
 
@@ -254,24 +144,14 @@ class Ledger:
     def lookup(self, terminal_id: str, txn_id: str) -> StoredPayment | None:
         """The stored first result, if this payment was decided already."""
         with self.engine.connect() as conn:
-            return self._load_payment(conn, terminal_id, txn_id)
+            return postings.load_payment(conn, terminal_id, txn_id)
 
     def lookup_many(self, terminal_id: str, txn_ids: Iterable[str]) -> dict[str, StoredPayment]:
         wanted = sorted(set(txn_ids))
         if not wanted:
             return {}
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                _PAYMENTS, {"b_terminal": terminal_id, "b_txns": wanted}
-            ).mappings().all()
-        return {row["txn_id"]: _stored(row) for row in rows}
-
-    @staticmethod
-    def _load_payment(conn: Connection, terminal_id: str, txn_id: str) -> StoredPayment | None:
-        row = conn.execute(
-            _PAYMENT, {"b_terminal": terminal_id, "b_txn": txn_id}
-        ).mappings().first()
-        return None if row is None else _stored(row)
+            return postings.load_payments(conn, terminal_id, wanted)
 
     def pay(
         self,
@@ -305,7 +185,7 @@ class Ledger:
 
         def work(conn: Connection) -> list[PaymentResult]:
             accounts = [requests[i].resolution for i in valid]
-            purses = self._lock_purses(conn, (a for a in accounts if not isinstance(a, Reason)))
+            purses = postings.lock_purses(conn, (a for a in accounts if not isinstance(a, Reason)))
             return [self._decide_one(conn, requests[i], purses, flags[i]) for i in valid]
 
         for i, result in zip(valid, self._transaction(work), strict=True):
@@ -316,14 +196,14 @@ class Ledger:
         self, conn: Connection, req: PaymentRequest, purses: dict[str, int],
         over_limit: OverLimit | None,
     ) -> PaymentResult:
-        existing = self._load_payment(conn, req.terminal_id, req.txn_id)
+        existing = postings.load_payment(conn, req.terminal_id, req.txn_id)
         now = self._clock()
         if existing is not None:
             if (req.offline and not existing.offline and existing.status is Status.REFUSED
                     and existing.amount_cents == req.amount_cents):
                 # Refused online, but the terminal timed out and served it offline: the
                 # answer stays the first one, the unpaid meal goes to reconciliation.
-                _insert_ignore(conn, canteen_shortfalls, {
+                postings.insert_ignore(conn, canteen_shortfalls, {
                     "terminal_id": req.terminal_id, "txn_id": req.txn_id,
                     "account_id": existing.account_id, "amount_cents": req.amount_cents,
                     "covered_cents": 0, "shortfall_cents": req.amount_cents,
@@ -342,13 +222,13 @@ class Ledger:
             outcome = rules.decide(balance, req.amount_cents, req.offline)
         journal_id = None
         if outcome.debit_cents > 0 and account_id is not None:
-            journal_id, balance = self._post(
+            journal_id, balance = postings.post(
                 conn, "payment", account_id, -outcome.debit_cents, REVENUE_ACCOUNT, now,
                 terminal_id=req.terminal_id, txn_id=req.txn_id,
             )
             purses[account_id] = balance
         result = rules.result_of(req.txn_id, outcome, balance)
-        conn.execute(_ADD_PAYMENT, {
+        postings.record_payment(conn, {
             "terminal_id": req.terminal_id, "txn_id": req.txn_id,
             "amount_cents": req.amount_cents, "account_id": account_id, "offline": req.offline,
             "request_ts": req.ts, "status": outcome.status.value,
@@ -358,7 +238,7 @@ class Ledger:
             "posted_at": now,
         })
         if outcome.shortfall_cents > 0:
-            conn.execute(_ADD_SHORTFALL, {
+            postings.record_shortfall(conn, {
                 "terminal_id": req.terminal_id, "txn_id": req.txn_id, "account_id": account_id,
                 "amount_cents": req.amount_cents, "covered_cents": outcome.debit_cents,
                 "shortfall_cents": outcome.shortfall_cents,
@@ -406,21 +286,21 @@ class Ledger:
                                   rules.MAX_TOPUP_CENTS)
 
         def work(conn: Connection) -> Receipt:
-            _insert_ignore(conn, canteen_accounts, {
+            postings.insert_ignore(conn, canteen_accounts, {
                 "account_id": account_id, "kind": PURSE, "balance_cents": 0,
                 "created_at": self._clock(),
             })
-            if account_id not in self._lock_purses(conn, [account_id]):
+            if account_id not in postings.lock_purses(conn, [account_id]):
                 raise InvalidRequest(f"account {account_id!r} is not a purse")
-            replay = self._replay(conn, idempotency_key, "topup", account_id, amount_cents)
+            replay = postings.replay(conn, idempotency_key, "topup", account_id, amount_cents)
             if replay is not None:
                 return replay
-            journal_id, balance = self._post(
+            journal_id, balance = postings.post(
                 conn, "topup", account_id, amount_cents, CASH_ACCOUNT, self._clock(),
                 idempotency_key=idempotency_key,
             )
-            return self._remember(conn, idempotency_key, "topup", account_id, amount_cents,
-                                  journal_id, balance)
+            return postings.remember(conn, self._clock(), idempotency_key, "topup",
+                                     account_id, amount_cents, journal_id, balance)
 
         return self._transaction(work)
 
@@ -433,13 +313,13 @@ class Ledger:
                                   rules.MAX_AMOUNT_CENTS)
 
         def work(conn: Connection) -> Receipt:
-            if account_id not in self._lock_purses(conn, [account_id]):
+            if account_id not in postings.lock_purses(conn, [account_id]):
                 raise UnknownPayment(f"account {account_id!r} has no canteen purse")
-            replay = self._replay(conn, idempotency_key, "refund", account_id, amount_cents,
+            replay = postings.replay(conn, idempotency_key, "refund", account_id, amount_cents,
                                   terminal_id, txn_id)
             if replay is not None:
                 return replay
-            payment = self._load_payment(conn, terminal_id, txn_id)
+            payment = postings.load_payment(conn, terminal_id, txn_id)
             if payment is None or payment.account_id != account_id:
                 raise UnknownPayment(f"no payment {terminal_id}/{txn_id} from {account_id}")
             debited = conn.execute(
@@ -460,12 +340,13 @@ class Ledger:
                     f"payment {terminal_id}/{txn_id} took {debited} cents and "
                     f"{refunded} were refunded already; {debited - refunded} remain refundable"
                 )
-            journal_id, balance = self._post(
+            journal_id, balance = postings.post(
                 conn, "refund", account_id, amount_cents, REVENUE_ACCOUNT, self._clock(),
                 terminal_id=terminal_id, txn_id=txn_id, idempotency_key=idempotency_key,
             )
-            return self._remember(conn, idempotency_key, "refund", account_id, amount_cents,
-                                  journal_id, balance, terminal_id, txn_id)
+            return postings.remember(conn, self._clock(), idempotency_key, "refund",
+                                     account_id, amount_cents, journal_id, balance,
+                                     terminal_id, txn_id)
 
         return self._transaction(work)
 
@@ -480,35 +361,6 @@ class Ledger:
             problem = f"amount_cents must be between 1 and {limit}"
         if problem is not None:
             raise InvalidRequest(problem)
-
-    @staticmethod
-    def _replay(
-        conn: Connection, key: str, operation: str, account_id: str, amount_cents: int,
-        terminal_id: str | None = None, txn_id: str | None = None,
-    ) -> Receipt | None:
-        row = conn.execute(
-            select(canteen_idempotency).where(canteen_idempotency.c.idempotency_key == key)
-        ).mappings().first()
-        if row is None:
-            return None
-        if (row["operation"], row["account_id"], row["amount_cents"], row["terminal_id"],
-                row["txn_id"]) != (operation, account_id, amount_cents, terminal_id, txn_id):
-            raise IdempotencyConflict(
-                "this idempotency_key was already used for a different request"
-            )
-        return Receipt(row["journal_id"], account_id, amount_cents, row["balance_cents"], True)
-
-    def _remember(
-        self, conn: Connection, key: str, operation: str, account_id: str, amount_cents: int,
-        journal_id: int, balance: int, terminal_id: str | None = None,
-        txn_id: str | None = None,
-    ) -> Receipt:
-        conn.execute(insert(canteen_idempotency).values(
-            idempotency_key=key, operation=operation, account_id=account_id,
-            amount_cents=amount_cents, terminal_id=terminal_id, txn_id=txn_id,
-            journal_id=journal_id, balance_cents=balance, created_at=self._clock(),
-        ))
-        return Receipt(journal_id, account_id, amount_cents, balance, False)
 
     # -- reading ------------------------------------------------------------------------
 

@@ -39,6 +39,32 @@ CardKind = Literal["gate", "elevator", "canteen"]
 RESIDENT_ROLES: tuple[str, ...] = get_args(ResidentRole)
 CARD_KINDS: tuple[str, ...] = get_args(CardKind)
 
+# The snapshot is read in parts so that a gateway reloads only what a change touched, and
+# cards and phones even row by row: a lost card reloads that card, not 60,000. Every `bump`
+# names its change, and CHANGE_PARTS says which parts it may have touched (those changes
+# whose subject is given reload their rows instead); anything unlisted reloads everything.
+SnapshotPart = Literal["places", "people", "cards", "phones", "passes"]
+ALL_PARTS: frozenset[str] = frozenset(get_args(SnapshotPart))
+CHANGE_PARTS: Mapping[str, frozenset[str]] = {
+    "building.upsert": frozenset({"places"}),  # buildings, floors
+    "unit.create": frozenset({"people"}),  # units, residents, access groups
+    "resident.create": frozenset({"people"}),
+    "resident.update": frozenset({"people"}),
+    "resident.move_out": ALL_PARTS,
+    "card.issue": frozenset({"cards"}),
+    "card.revoke": frozenset({"cards"}),
+    "credential.enrol": frozenset({"phones"}),
+    "credential.revoke": frozenset({"phones"}),
+    "group.create": frozenset({"people"}),
+    "group.update": frozenset({"people"}),
+    "group.delete": frozenset({"people"}),
+    "group.add_member": frozenset({"people"}),
+    "group.remove_member": frozenset({"people"}),
+    "visitor_pass.issue": frozenset({"passes"}),
+    "visitor_pass.revoke": frozenset({"passes"}),
+    "bulk": ALL_PARTS,  # for loaders that write the tables directly
+}
+
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 CARD_NUMBER_PATTERN = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable ASCII, no spaces
 
@@ -178,6 +204,9 @@ directory_changes = Table(
     Column("change_id", Integer, primary_key=True, autoincrement=True),
     Column("changed_at", Float, nullable=False),
     Column("what", String(64), nullable=False),
+    # What exactly changed, where a gateway can reload just that: "kind:number" for a card,
+    # the credential id for a phone, the resident id for a move-out.
+    Column("subject", String(128), nullable=True),
 )
 
 
@@ -329,6 +358,18 @@ class DirectorySnapshot:
     access_groups: tuple[AccessGroup, ...]
     visitor_passes: tuple[VisitorPass, ...]
     secrets: Mapping[str, bytes] = field(repr=False)
+    # The parts actually read; the tuples of the other parts are empty, not "no rows".
+    parts: frozenset[str] = ALL_PARTS
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryDelta:
+    """Rows re-read one by one: changed cards, and every phone of the residents concerned."""
+
+    cards: tuple[Card, ...] = ()
+    phone_residents: frozenset[str] = frozenset()  # all their phones are in phone_credentials
+    phone_credentials: tuple[PhoneCredential, ...] = ()
+    secrets: Mapping[str, bytes] = field(default_factory=dict, repr=False)
 
 
 T = TypeVar("T")
@@ -354,16 +395,72 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
 
-def bump(conn: Connection, what: str) -> None:
-    """Record a directory change so every gateway rebuilds its index.
+def bump(conn: Connection, what: str, subject: str | None = None) -> None:
+    """Record a directory change (a key of CHANGE_PARTS) so every gateway reloads its index.
 
     On PostgreSQL the table lock makes change ids commit in id order; otherwise a watcher
     could see id 6 before a slower transaction commits id 5 and never notice id 5.
     SQLite writers are already serialized by BEGIN IMMEDIATE.
     """
+    if what not in CHANGE_PARTS:
+        raise ValueError(f"unknown directory change {what!r}; add it to CHANGE_PARTS")
     if conn.dialect.name == "postgresql":
         conn.execute(text("LOCK TABLE directory_changes IN SHARE ROW EXCLUSIVE MODE"))
-    conn.execute(insert(directory_changes).values(changed_at=time.time(), what=what))
+    conn.execute(insert(directory_changes).values(changed_at=time.time(), what=what,
+                                                  subject=subject))
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeSet:
+    """What to reload after a version: whole parts, and single cards and phones.
+
+    `residents` lists moved-out residents whose cards and phones are reloaded row by row.
+    """
+
+    parts: frozenset[str]
+    cards: frozenset[tuple[str, str]] = frozenset()  # (kind, card number)
+    phones: frozenset[str] = frozenset()  # credential ids
+    residents: frozenset[str] = frozenset()
+
+
+MAX_ROW_CHANGES = 1000  # beyond this (an import), whole parts reload faster than rows
+
+
+def pending_changes(conn: Connection, since: int) -> ChangeSet:
+    """What changed after version `since`; everything when the log no longer reaches back
+    to it (someone pruned it).
+    """
+    oldest = conn.execute(select(func.min(directory_changes.c.change_id))).scalar()
+    if since <= 0 or oldest is None or oldest > since + 1:
+        return ChangeSet(ALL_PARTS)
+    rows = conn.execute(select(directory_changes.c.what, directory_changes.c.subject)
+                        .where(directory_changes.c.change_id > since)
+                        .limit(MAX_ROW_CHANGES + 1)).all()
+    if len(rows) > MAX_ROW_CHANGES:
+        whats = conn.execute(select(directory_changes.c.what).distinct()
+                             .where(directory_changes.c.change_id > since)).scalars()
+        return ChangeSet(frozenset().union(*(CHANGE_PARTS.get(w, ALL_PARTS) for w in whats)))
+    parts: set[str] = set()
+    cards: set[tuple[str, str]] = set()
+    phones: set[str] = set()
+    moved_out: set[str] = set()
+    for what, subject in rows:
+        if subject and what in ("card.issue", "card.revoke"):
+            kind, _, number = subject.partition(":")
+            cards.add((kind, number))
+        elif subject and what in ("credential.enrol", "credential.revoke"):
+            phones.add(subject)
+        elif subject and what == "resident.move_out":
+            moved_out.add(subject)
+            parts.update(("people", "passes"))
+        else:
+            parts.update(CHANGE_PARTS.get(what, ALL_PARTS))
+    return ChangeSet(
+        frozenset(parts),
+        frozenset() if "cards" in parts else frozenset(cards),
+        frozenset() if "phones" in parts else frozenset(phones),
+        frozenset() if {"cards", "phones"} <= parts else frozenset(moved_out),
+    )
 
 
 def directory_version(conn: Connection) -> int:

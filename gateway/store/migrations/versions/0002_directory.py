@@ -167,6 +167,7 @@ def upgrade() -> None:
         sa.Column("change_id", sa.Integer, nullable=False, autoincrement=True),
         sa.Column("changed_at", sa.Float, nullable=False),
         sa.Column("what", sa.String(64), nullable=False),
+        sa.Column("subject", sa.String(128), nullable=True),
         sa.PrimaryKeyConstraint("change_id", name="pk_directory_changes"),
     )
 
