@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import secrets
 import statistics
 import subprocess
 import sys
@@ -22,13 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
+from bench.harness import gateway_process, percentile
 from gateway.broker import MOSQUITTO_CONF, Mosquitto
-from gateway.config import SiteConfig
-from gateway.demo import BUILDINGS, READERS
-from gateway.demo_seed import seed_demo
-from gateway.store import db
 from simulators.phone import SimulatedPhone
 from simulators.readers import ReaderSimulator
 
@@ -48,59 +41,34 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def measure(
     broker: Mosquitto, work: Path, requests: int, telemetry_rate: int
 ) -> dict[str, float]:
-    db_url = f"sqlite:///{work / f'bench-{broker.port}.db'}"
-    devices = [*READERS, *({"device_id": f"meter-{i}", "kind": "meter"} for i in range(20))]
-    site = {
-        "site": {"id": "bench"},
-        "mqtt": {"url": broker.url, "root": "scgw"},
-        "database": {"url": db_url},
-        "api": {"enabled": False},
-        "buildings": BUILDINGS,
-        "devices": devices,
-    }
-    config_path = work / f"site-{broker.port}.yaml"
-    config_path.write_text(yaml.safe_dump(site))
-    db.upgrade(db_url)
-    engine = db.make_engine(db_url)
-    people = seed_demo(engine, SiteConfig.model_validate(site))
-    engine.dispose()
-    env = {**os.environ, "SCGW__API__JWT_SECRET": secrets.token_hex(32)}
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "--config", str(config_path)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    meters = [{"device_id": f"meter-{i}", "kind": "meter"} for i in range(20)]
     loader = subprocess.Popen(
         [sys.executable, "-c", TELEMETRY_LOADER, broker.host, str(broker.port), str(telemetry_rate)]
     )
     try:
-        resident = people.residents[0]
-        phone = SimulatedPhone(resident.credential_id, resident.secret)
-        async with ReaderSimulator(broker.host, broker.port, "gate-north", "gate") as reader:
-            for _ in range(200):  # wait for the gateway to answer
-                try:
-                    await reader.present("qr", phone.qr(), timeout_s=0.5)
-                    break
-                except TimeoutError:
-                    continue
-            samples = []
-            for _ in range(requests):
-                started = time.perf_counter()
-                decision = await reader.present("qr", phone.qr())
-                samples.append((time.perf_counter() - started) * 1000)
-                assert decision["granted"], decision
-                await asyncio.sleep(0.005)
+        with gateway_process(broker, work, meters) as people:
+            resident = people.residents[0]
+            phone = SimulatedPhone(resident.credential_id, resident.secret)
+            async with ReaderSimulator(broker.host, broker.port, "gate-north", "gate") as reader:
+                for _ in range(200):  # wait for the gateway to answer
+                    try:
+                        await reader.present("qr", phone.qr(), timeout_s=0.5)
+                        break
+                    except TimeoutError:
+                        continue
+                samples = []
+                for _ in range(requests):
+                    started = time.perf_counter()
+                    decision = await reader.present("qr", phone.qr())
+                    samples.append((time.perf_counter() - started) * 1000)
+                    assert decision["granted"], decision
+                    await asyncio.sleep(0.005)
     finally:
-        for proc in (gateway, loader):
-            proc.terminate()
-            proc.wait(10)
+        loader.terminate()
+        loader.wait(10)
     return {
         "p50_ms": statistics.median(samples),
         "p99_ms": percentile(samples, 0.99),

@@ -19,7 +19,8 @@ def main() -> int:
     for script in sorted(HERE.glob("bench_*.py")):
         print(f"== {script.name}", flush=True)
         started = time.monotonic()
-        result = subprocess.run([sys.executable, str(script)], check=False)
+        module = f"bench.{script.stem}"
+        result = subprocess.run([sys.executable, "-m", module], check=False, cwd=HERE.parent)
         print(f"== {script.name}: exit {result.returncode} in {time.monotonic() - started:.0f} s",
               flush=True)
         if result.returncode != 0:
