@@ -1,11 +1,12 @@
 """The access service: the pure decision wired to the store, the replay guard and the clock.
 
 `decide` is synchronous and touches only memory, so a reader's answer never waits for a
-disk or a lock. The index is rebuilt off the event loop whenever `directory_changes` moves
-(polled every 0.3 s), so a revocation written by any process on the same database is in
-force within about a second; an API write in this process calls `refresh_now()` and the
-very next request sees it. When the database is unreachable the last index keeps serving:
-gates must keep opening for residents while the store is being repaired.
+disk or a lock. The index catches up off the event loop whenever `directory_changes` moves
+(polled every 0.3 s), reloading only what changed, so a revocation written by any process
+on the same database is in force within about half a second at 20,000 residents
+(docs/bench-access.md); an API write in this process calls `refresh_now()` and the very
+next request sees it. When the database is unreachable the last index keeps serving: gates
+must keep opening for residents while the store is being repaired.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ class AccessService:
     def from_config(cls, engine: Engine, config: SiteConfig) -> AccessService:
         """Readers are the gate, elevator and canteen devices; buildings mirror into the store."""
         readers = [
-            Reader(d.device_id, d.kind, d.building, duration_s=config.access.unlock_duration_s)
+            Reader(d.device_id, d.kind, d.building, gate_ids=frozenset(d.gate_ids),
+                   restricted=d.restricted, duration_s=config.access.unlock_duration_s)
             for d in config.devices if d.kind in ("gate", "elevator", "canteen")
         ]
         buildings = [

@@ -112,6 +112,10 @@ class DeviceConfig(_Strict):
     kind: DeviceKind
     name: str = ""
     building: str | None = None
+    # Gates: a restricted gate (gym, machine room) opens only through an access group or a
+    # visitor pass; gate_ids are the names groups and passes use (default: the device id).
+    restricted: bool = False
+    gate_ids: list[str] = Field(default_factory=list)
     # Modbus units (kinds hvac, fresh_air, air_purifier, meter) polled by the gateway:
     host: str | None = None
     port: int | str | None = None  # TCP port, or a serial device path for RTU
@@ -129,6 +133,8 @@ class DeviceConfig(_Strict):
     def _modbus_fields(self) -> DeviceConfig:
         if self.ble is not None and self.kind not in ("gate", "elevator"):
             raise ValueError("`ble` is for gate and elevator readers")
+        if (self.restricted or self.gate_ids) and self.kind != "gate":
+            raise ValueError("`restricted` and `gate_ids` are for gates")
         if self.profile is None:
             return self
         if self.kind not in MODBUS_KINDS:

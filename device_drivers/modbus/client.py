@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ConnectionException, ModbusException
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
 from device_drivers.modbus.codec import BIT_TABLES
@@ -37,7 +37,6 @@ from device_drivers.modbus.errors import (
 
 log = logging.getLogger(__name__)
 
-_PYMODBUS_TIMEOUT_S = 3600.0  # pymodbus never times out first: our deadline is shorter
 _TCP_TIMEOUTS_BEFORE_RECONNECT = 3  # a half-open TCP connection only shows as silence
 
 
@@ -69,8 +68,13 @@ class Endpoint:
 
 
 Client = AsyncModbusTcpClient | AsyncModbusSerialClient
-Call = Callable[[Client], Awaitable[ModbusPDU]]
 Check = Callable[[ModbusPDU], str | None]
+_READS: dict[str, tuple[str, int]] = {
+    "coil": ("read_coils", 1),
+    "discrete": ("read_discrete_inputs", 2),
+    "holding": ("read_holding_registers", 3),
+    "input": ("read_input_registers", 4),
+}
 
 
 class ModbusLink:
@@ -81,6 +85,7 @@ class ModbusLink:
         self.late_window_s = late_window_s
         self._client: Client | None = None
         self._lock = asyncio.Lock()
+        self._gap_s = endpoint.frame_gap_s
         self._quiet_from = 0.0
         self._silent_in_a_row = 0
         self._rx_bytes = 0
@@ -93,13 +98,13 @@ class ModbusLink:
         if isinstance(ep.port, str):
             return AsyncModbusSerialClient(
                 ep.port, baudrate=ep.baudrate, parity=ep.parity, stopbits=ep.stopbits,
-                bytesize=ep.bytesize, timeout=_PYMODBUS_TIMEOUT_S, retries=0, reconnect_delay=0,
+                bytesize=ep.bytesize, retries=0, reconnect_delay=0,
                 trace_packet=self._count_rx,
             )
         if ep.host is None:
             raise ValueError(f"TCP endpoint on port {ep.port} needs a host")
         return AsyncModbusTcpClient(
-            ep.host, port=ep.port, timeout=_PYMODBUS_TIMEOUT_S, retries=0, reconnect_delay=0,
+            ep.host, port=ep.port, retries=0, reconnect_delay=0,
         )
 
     def _count_rx(self, sending: bool, data: bytes) -> bytes:
@@ -107,11 +112,10 @@ class ModbusLink:
             self._rx_bytes += len(data)
         return data
 
-    async def _connected(self, timeout_s: float, unit_id: int) -> Client:
-        if self._client is not None and self._client.connected:
-            return self._client
+    async def _connect(self, timeout_s: float, unit_id: int) -> Client:
         self._drop()
         client = self._new_client()
+        client.ctx.comm_params.timeout_connect = timeout_s
         try:
             ok = await asyncio.wait_for(client.connect(), timeout_s)
         except (TimeoutError, OSError, ModbusException) as exc:
@@ -135,38 +139,50 @@ class ModbusLink:
         async with self._lock:
             self._drop()
 
-    async def _request(self, unit_id: int, timeout_s: float, call: Call, check: Check
-                       ) -> ModbusPDU:
+    async def _request(self, unit_id: int, timeout_s: float, check: Check, method: str,
+                       *args: object, **kwargs: object) -> ModbusPDU:
         async with self._lock:
-            client = await self._connected(timeout_s, unit_id)
-            gap = self._quiet_from + self.endpoint.frame_gap_s - time.monotonic()
-            if gap > 0:
-                await asyncio.sleep(gap)
+            client = self._client
+            if client is None or not client.connected:
+                client = await self._connect(timeout_s, unit_id)
+            if self._gap_s:
+                gap = self._quiet_from + self._gap_s - time.monotonic()
+                if gap > 0:
+                    await asyncio.sleep(gap)
+            # pymodbus waits for the reply with a deadline of its own; setting it per request
+            # is far cheaper than a second timer around every request.
+            client.ctx.comm_params.timeout_connect = timeout_s
             self.requests += 1
             try:
-                async with asyncio.timeout(timeout_s):
-                    response = await call(client)
-            except TimeoutError:
-                await self._after_silence(unit_id, timeout_s)
-                raise ModbusTimeout(
-                    f"unit {unit_id} on {self.endpoint.label}: no answer in {timeout_s:g} s",
-                    unit_id=unit_id,
-                ) from None
+                response: ModbusPDU = await getattr(client, method)(
+                    *args, device_id=unit_id, **kwargs)
             except ConnectionException as exc:
                 self._drop()
                 raise LinkDown(f"{self.endpoint.label}: {exc}", unit_id=unit_id) from None
-            except ModbusException as exc:  # undecodable frame, wrong unit id
+            except ModbusIOException as exc:
+                await self._after_silence(unit_id, timeout_s)
+                if "No response" in str(exc):  # pymodbus 3.16's deadline passed
+                    raise ModbusTimeout(
+                        f"unit {unit_id} on {self.endpoint.label}: no answer in {timeout_s:g} s",
+                        unit_id=unit_id,
+                    ) from None
+                raise BadResponse(f"unit {unit_id}: {exc}", unit_id=unit_id) from None
+            except ModbusException as exc:
                 await self._after_silence(unit_id, timeout_s)
                 raise BadResponse(f"unit {unit_id}: {exc}", unit_id=unit_id) from None
             finally:
-                self._quiet_from = time.monotonic()
+                if self._gap_s:
+                    self._quiet_from = time.monotonic()
+            if not response.isError():
+                problem = check(response)
+                if problem is not None:  # e.g. a late reply to another request on RTU
+                    await self._after_silence(unit_id, timeout_s)
+                    raise BadResponse(f"unit {unit_id}: {problem}", unit_id=unit_id)
             self._silent_in_a_row = 0
-            self._dead_units.discard(unit_id)
+            if self._dead_units:
+                self._dead_units.discard(unit_id)
         if response.isError():
             raise exception_for_code(response.exception_code, unit_id=unit_id)
-        problem = check(response)
-        if problem is not None:
-            raise BadResponse(f"unit {unit_id}: {problem}", unit_id=unit_id)
         return response
 
     async def _after_silence(self, unit_id: int, timeout_s: float) -> None:
@@ -201,43 +217,27 @@ class ModbusLink:
     async def read(self, unit_id: int, input_type: str, address: int, count: int,
                    timeout_s: float) -> list[int]:
         """Registers as words, or bits as 0/1, exactly `count` of them."""
-        def call(client: Client) -> Awaitable[ModbusPDU]:
-            if input_type == "holding":
-                return client.read_holding_registers(address, count=count, device_id=unit_id)
-            if input_type == "input":
-                return client.read_input_registers(address, count=count, device_id=unit_id)
-            if input_type == "coil":
-                return client.read_coils(address, count=count, device_id=unit_id)
-            return client.read_discrete_inputs(address, count=count, device_id=unit_id)
-
+        method, fc = _READS[input_type]
         bits = input_type in BIT_TABLES
-        expected_fc = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}[input_type]
 
         def check(response: ModbusPDU) -> str | None:
-            if response.function_code != expected_fc:
-                return f"function {response.function_code} answers a read with {expected_fc}"
+            if response.function_code != fc:
+                return f"function {response.function_code} answers a read with {fc}"
             got = len(response.bits) if bits else len(response.registers)
             if got < count or (not bits and got != count):
                 return f"{got} values for a read of {count}"
             return None
 
-        response = await self._request(unit_id, timeout_s, call, check)
+        response = await self._request(unit_id, timeout_s, check, method, address, count=count)
         if bits:
             return [1 if b else 0 for b in response.bits[:count]]
-        return [int(w) for w in response.registers]
+        return list(response.registers)
 
     async def write(self, unit_id: int, input_type: str, address: int, words: Sequence[int],
                     timeout_s: float) -> None:
         """Write a coil (one 0/1) or registers (function 06 for one word, 16 for more)."""
         values = [int(w) for w in words]
         fc = 5 if input_type == "coil" else 6 if len(values) == 1 else 16
-
-        def call(client: Client) -> Awaitable[ModbusPDU]:
-            if fc == 5:
-                return client.write_coil(address, bool(values[0]), device_id=unit_id)
-            if fc == 6:
-                return client.write_register(address, values[0], device_id=unit_id)
-            return client.write_registers(address, values, device_id=unit_id)
 
         def check(response: ModbusPDU) -> str | None:
             if fc == 5:
@@ -250,5 +250,9 @@ class ModbusLink:
                 return f"write echo {response} does not match function {fc} at {address}"
             return None
 
-        await self._request(unit_id, timeout_s, call, check)
-
+        if fc == 5:
+            await self._request(unit_id, timeout_s, check, "write_coil", address, bool(values[0]))
+        elif fc == 6:
+            await self._request(unit_id, timeout_s, check, "write_register", address, values[0])
+        else:
+            await self._request(unit_id, timeout_s, check, "write_registers", address, values)

@@ -1,7 +1,8 @@
 """The directory: who lives where, which cards and phones they carry, what they may open.
 
 This is the one module other code imports; the tables and types are in
-`directory_schema`, groups and visitor passes in `directory_grants`, all re-exported here.
+`directory_schema`, groups and visitor passes in `directory_grants`, the snapshot and change
+sets gateways read in `directory_snapshot`, all re-exported here.
 
 Residents are never deleted (audit entries refer to them); they move out, which revokes
 every card, phone credential and visitor pass they hold in the same transaction. Revoking
@@ -20,11 +21,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import fields
-from itertools import starmap
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import Connection, Table, delete, insert, or_, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from gateway.credentials import new_credential_id, new_secret
 from gateway.store.directory_grants import (
@@ -49,17 +48,13 @@ from gateway.store.directory_schema import (
     ALL_PARTS,
     CARD_KINDS,
     CHANGE_PARTS,
-    MAX_ROW_CHANGES,
     RESIDENT_ROLES,
     AccessGroup,
     Building,
     Card,
     CardKind,
-    ChangeSet,
     Conflict,
-    DirectoryDelta,
     DirectoryError,
-    DirectorySnapshot,
     EnrolledCredential,
     Floor,
     IssuedVisitorPass,
@@ -84,7 +79,6 @@ from gateway.store.directory_schema import (
     fetch_one,
     floors,
     new_id,
-    pending_changes,
     phone_credentials,
     require_active_resident,
     require_floors,
@@ -96,8 +90,15 @@ from gateway.store.directory_schema import (
     visitor_passes,
 )
 from gateway.store.directory_schema import CARD_NUMBER_PATTERN as _CARD_NUMBER_PATTERN
-
-T = TypeVar("T")
+from gateway.store.directory_snapshot import (
+    MAX_ROW_CHANGES,
+    ChangeSet,
+    DirectoryDelta,
+    DirectorySnapshot,
+    load_delta,
+    load_snapshot,
+    pending_changes,
+)
 
 __all__ = [
     "ALL_PARTS",
@@ -428,73 +429,3 @@ def revoke_phone_credential(conn: Connection, credential_id: str,
                  .values(revoked_at=time.time() if now is None else now))
     bump(conn, "credential.revoke", credential_id)
     return get_phone_credential(conn, credential_id)
-
-
-# --- the snapshot the access index is built from -----------------------------------------
-
-
-def load_snapshot(conn: Connection, parts: Iterable[str] = ALL_PARTS) -> DirectorySnapshot:
-    """Read the directory, or only some parts of it; run it in one transaction (REPEATABLE
-    READ on PostgreSQL) so the parts and the version agree.
-
-    The version is read first: a change committed while the tables are read bumps the
-    version past it, so the watcher reloads again rather than keep a torn snapshot.
-    """
-    wanted = frozenset(parts)
-    if not wanted <= ALL_PARTS:
-        raise ValueError(f"unknown snapshot parts {sorted(wanted - ALL_PARTS)}")
-    version = directory_version(conn)
-
-    def rows_of(part: str, cls: type[T], table: Table, *order: Any) -> tuple[T, ...]:
-        if part not in wanted:
-            return ()
-        # Positional rows in dataclass field order: 60,000 cards in ~0.1 s, where mappings
-        # and keyword construction took three times as long.
-        columns = [table.c[f.name] for f in fields(cls)]  # type: ignore[arg-type]
-        return tuple(starmap(cls, conn.execute(select(*columns).order_by(*order)).all()))
-
-    secrets: dict[str, bytes] = {}
-    for part, table in (("phones", phone_credentials), ("passes", visitor_passes)):
-        if part in wanted:
-            secrets.update((cid, bytes(secret)) for cid, secret in conn.execute(
-                select(table.c.credential_id, table.c.secret)).all())
-    people = "people" in wanted
-    return DirectorySnapshot(
-        version=version,
-        buildings=rows_of("places", Building, buildings, buildings.c.building_id),
-        floors=rows_of("places", Floor, floors, floors.c.building_id, floors.c.number),
-        units=rows_of("people", Unit, units),
-        residents=rows_of("people", Resident, residents),
-        cards=rows_of("cards", Card, cards),
-        phone_credentials=rows_of("phones", PhoneCredential, phone_credentials),
-        access_groups=tuple(load_access_groups(conn)) if people else (),
-        visitor_passes=tuple(load_visitor_passes(conn)) if "passes" in wanted else (),
-        secrets=secrets,
-        parts=wanted,
-    )
-
-
-def load_delta(conn: Connection, changes: ChangeSet) -> DirectoryDelta:
-    """The current rows of the cards and phones `changes` names, for an incremental index."""
-    card_rows: tuple[Card, ...] = ()
-    if changes.cards or changes.residents:
-        numbers = sorted({number for _, number in changes.cards})
-        query = select(*[cards.c[f.name] for f in fields(Card)]).where(or_(
-            cards.c.card_number.in_(numbers), cards.c.resident_id.in_(sorted(changes.residents))))
-        card_rows = tuple(card for card in starmap(Card, conn.execute(query).all())
-                          if (card.kind, card.card_number) in changes.cards
-                          or card.resident_id in changes.residents)
-    owners = set(changes.residents)
-    if changes.phones:
-        owners.update(conn.execute(select(phone_credentials.c.resident_id).where(
-            phone_credentials.c.credential_id.in_(sorted(changes.phones)))).scalars())
-    phones: list[PhoneCredential] = []
-    secrets: dict[str, bytes] = {}
-    if owners:
-        columns = [phone_credentials.c[f.name] for f in fields(PhoneCredential)]
-        query = select(*columns, phone_credentials.c.secret).where(
-            phone_credentials.c.resident_id.in_(sorted(owners)))
-        for *row, secret in conn.execute(query).all():
-            phones.append(PhoneCredential(*row))
-            secrets[phones[-1].credential_id] = bytes(secret)
-    return DirectoryDelta(card_rows, frozenset(owners), tuple(phones), secrets)

@@ -340,38 +340,6 @@ class IssuedVisitorPass:
     secret: bytes = field(repr=False)
 
 
-@dataclass(frozen=True, slots=True)
-class DirectorySnapshot:
-    """Everything the access index is built from, read in one consistent transaction.
-
-    `secrets` maps credential ids (phones and visitor passes) to their HMAC keys; it is kept
-    apart from the listed types so that listing or logging those can never leak a secret.
-    """
-
-    version: int
-    buildings: tuple[Building, ...]
-    floors: tuple[Floor, ...]
-    units: tuple[Unit, ...]
-    residents: tuple[Resident, ...]
-    cards: tuple[Card, ...]
-    phone_credentials: tuple[PhoneCredential, ...]
-    access_groups: tuple[AccessGroup, ...]
-    visitor_passes: tuple[VisitorPass, ...]
-    secrets: Mapping[str, bytes] = field(repr=False)
-    # The parts actually read; the tuples of the other parts are empty, not "no rows".
-    parts: frozenset[str] = ALL_PARTS
-
-
-@dataclass(frozen=True, slots=True)
-class DirectoryDelta:
-    """Rows re-read one by one: changed cards, and every phone of the residents concerned."""
-
-    cards: tuple[Card, ...] = ()
-    phone_residents: frozenset[str] = frozenset()  # all their phones are in phone_credentials
-    phone_credentials: tuple[PhoneCredential, ...] = ()
-    secrets: Mapping[str, bytes] = field(default_factory=dict, repr=False)
-
-
 T = TypeVar("T")
 
 
@@ -408,59 +376,6 @@ def bump(conn: Connection, what: str, subject: str | None = None) -> None:
         conn.execute(text("LOCK TABLE directory_changes IN SHARE ROW EXCLUSIVE MODE"))
     conn.execute(insert(directory_changes).values(changed_at=time.time(), what=what,
                                                   subject=subject))
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeSet:
-    """What to reload after a version: whole parts, and single cards and phones.
-
-    `residents` lists moved-out residents whose cards and phones are reloaded row by row.
-    """
-
-    parts: frozenset[str]
-    cards: frozenset[tuple[str, str]] = frozenset()  # (kind, card number)
-    phones: frozenset[str] = frozenset()  # credential ids
-    residents: frozenset[str] = frozenset()
-
-
-MAX_ROW_CHANGES = 1000  # beyond this (an import), whole parts reload faster than rows
-
-
-def pending_changes(conn: Connection, since: int) -> ChangeSet:
-    """What changed after version `since`; everything when the log no longer reaches back
-    to it (someone pruned it).
-    """
-    oldest = conn.execute(select(func.min(directory_changes.c.change_id))).scalar()
-    if since <= 0 or oldest is None or oldest > since + 1:
-        return ChangeSet(ALL_PARTS)
-    rows = conn.execute(select(directory_changes.c.what, directory_changes.c.subject)
-                        .where(directory_changes.c.change_id > since)
-                        .limit(MAX_ROW_CHANGES + 1)).all()
-    if len(rows) > MAX_ROW_CHANGES:
-        whats = conn.execute(select(directory_changes.c.what).distinct()
-                             .where(directory_changes.c.change_id > since)).scalars()
-        return ChangeSet(frozenset().union(*(CHANGE_PARTS.get(w, ALL_PARTS) for w in whats)))
-    parts: set[str] = set()
-    cards: set[tuple[str, str]] = set()
-    phones: set[str] = set()
-    moved_out: set[str] = set()
-    for what, subject in rows:
-        if subject and what in ("card.issue", "card.revoke"):
-            kind, _, number = subject.partition(":")
-            cards.add((kind, number))
-        elif subject and what in ("credential.enrol", "credential.revoke"):
-            phones.add(subject)
-        elif subject and what == "resident.move_out":
-            moved_out.add(subject)
-            parts.update(("people", "passes"))
-        else:
-            parts.update(CHANGE_PARTS.get(what, ALL_PARTS))
-    return ChangeSet(
-        frozenset(parts),
-        frozenset() if "cards" in parts else frozenset(cards),
-        frozenset() if "phones" in parts else frozenset(phones),
-        frozenset() if {"cards", "phones"} <= parts else frozenset(moved_out),
-    )
 
 
 def directory_version(conn: Connection) -> int:
