@@ -87,6 +87,9 @@ def test_compiled_decoders_agree_with_the_reference_codec(data: st.DataObject) -
     expected = decode(register, words[at : at + register.width])
     got = compile_decoder(register)(words, at)
     assert got == expected or (math.isnan(got) and math.isnan(expected))
+    (block,) = plan_reads(Profile(profile="p", registers=(register,)))  # the poller's path
+    metrics, rejected = decode_block(block, words[at : at + register.width])
+    assert metrics.get("x", expected) == expected or rejected == ("x",)
 
 
 def test_float32_nan_decodes_as_nan() -> None:

@@ -316,6 +316,8 @@ async def test_bad_configuration_fails_before_anything_starts(tmp_path: Path) ->
         ], lambda r: None)
     with pytest.raises(ValueError, match="host"):
         ModbusDeviceSpec("a", "hvac", "heat-pump-split", None, 502)
+    with pytest.raises(ValueError, match="unknown kind"):
+        ModbusDeviceSpec("a", "toaster", "heat-pump-split", LOCAL, 502)
     with pytest.raises(ValueError, match="device_id"):
         ModbusDeviceSpec("Bad Id", "hvac", "heat-pump-split", LOCAL, 502)
 

@@ -222,15 +222,37 @@ def compile_decoder(register: Register) -> Decoder:
     return i32
 
 
+# Fast paths in decode_block for the common 16-bit registers; everything else calls its
+# compiled decoder.
+_U16, _I16, _OTHER = 0, 1, 2
+DecodeStep = tuple[str, int, int, float, float, bool, float | None, float | None, Decoder]
+
+
+def decode_step(register: Register, offset_in_block: int) -> DecodeStep:
+    """What decode_block needs for one register, prepared once per profile."""
+    kind = _OTHER
+    if register.input_type not in BIT_TABLES and register.swap == "none":
+        kind = {"uint16": _U16, "int16": _I16}.get(register.data_type, _OTHER)
+    exact = register.scale == 1.0 and register.offset == 0.0
+    return (register.name, offset_in_block, kind, register.scale, register.offset, exact,
+            register.min, register.max, compile_decoder(register))
+
+
 def decode_block(
     block: ReadBlock, payload: Sequence[int] | Sequence[bool]
 ) -> tuple[dict[str, float], tuple[str, ...]]:
     """A block read -> (plausible metrics, names of registers whose values were rejected)."""
     metrics: dict[str, float] = {}
     rejected: list[str] = []
-    for name, start, decoder, low, high in block.decoders:
+    for name, at, kind, scale, add, exact, low, high, decoder in block.steps:
         try:
-            value = decoder(payload, start)
+            if kind == _OTHER:
+                value = decoder(payload, at)
+            else:
+                raw = int(payload[at])
+                if kind == _I16 and raw > 0x7FFF:
+                    raw -= 0x10000
+                value = float(raw) if exact else round(raw * scale + add, 9)
         except (CodecError, IndexError, struct.error):
             rejected.append(name)
             continue

@@ -29,7 +29,7 @@ from device_drivers.modbus.health import (
     record_success,
 )
 from device_drivers.modbus.profile import Profile, ReadBlock, load_profile, plan_reads, plan_write
-from gateway.events import Reading
+from gateway.events import DEVICE_KINDS, Reading
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class ModbusDeviceSpec:
     def __post_init__(self) -> None:
         if not _DEVICE_ID.match(self.device_id):
             raise ValueError(f"device_id {self.device_id!r} must match {_DEVICE_ID.pattern}")
+        if self.kind not in DEVICE_KINDS:
+            raise ValueError(f"{self.device_id}: unknown kind {self.kind!r}")
         if not 0 <= self.unit_id <= 247:
             raise ValueError(f"{self.device_id}: unit_id {self.unit_id} outside 0..247")
         if isinstance(self.port, int):
@@ -107,7 +109,8 @@ class _Unit:
         # Readings of a polled unit are numbered from the wall clock in ms, so that a
         # restarted gateway keeps seq increasing for the pipeline's duplicate check.
         self.seq = int(fleet.clock() * 1000)
-        self._refused: set[tuple[int, int]] = set()
+        self._refused: set[tuple[str, int, int]] = set()
+        self._reads = tuple((b, self._read(b.input_type, b.start, b.count)) for b in self.blocks)
 
     async def attempt(self, op: Callable[[], Awaitable[T]], attempts: int) -> T:
         for attempt in range(attempts):
@@ -140,13 +143,18 @@ class _Unit:
             started = loop.time()
             try:
                 ok = await self.poll_once()
-            except Exception:  # a bug must not stop this unit's polling, nor any other's
+            except Exception as exc:  # a bug must not stop this unit's polling, nor others'
                 log.exception("%s: poll failed unexpectedly", self.spec.device_id)
+                self.health = record_failure(self.health, self.fleet.clock(), repr(exc),
+                                             self.policy)  # so it backs off like a dead unit
                 ok = False
             finished = loop.time()
             if self.fleet.on_cycle is not None:
-                self.fleet.on_cycle(CycleStats(self.spec.device_id, scheduled, started, finished,
-                                               ok))
+                stats = CycleStats(self.spec.device_id, scheduled, started, finished, ok)
+                try:
+                    self.fleet.on_cycle(stats)
+                except Exception:
+                    log.exception("%s: cycle subscriber failed", self.spec.device_id)
             scheduled = next_poll_at(self.health, scheduled=scheduled, now=finished,
                                      interval_s=self.spec.poll_interval_s, policy=self.policy)
 
@@ -156,10 +164,9 @@ class _Unit:
         metrics: dict[str, float] = {}
         rejected: list[str] = []
         failure: RequestError | None = None
-        for block in self.blocks:
+        for block, read in self._reads:
             try:
-                payload = await self.attempt(
-                    self._read(block.input_type, block.start, block.count), attempts)
+                payload = await self.attempt(read, attempts)
             except RequestError as exc:
                 if exc.retryable:
                     failure = exc
@@ -189,16 +196,17 @@ class _Unit:
         return True
 
     def _note_refused(self, block: ReadBlock, exc: RequestError) -> None:
-        key = (block.start, getattr(exc, "code", 0))
+        key = (block.input_type, block.start, getattr(exc, "code", 0))
         if key not in self._refused:
             self._refused.add(key)
             names = ", ".join(r.name for r in block.registers)
             log.warning("%s: unit refuses %s %d+%d (%s): %s", self.spec.device_id,
                         block.input_type, block.start, block.count, names, exc)
 
-    def publish(self, metrics: Mapping[str, float], now: float) -> None:
+    def publish(self, metrics: dict[str, float], now: float) -> None:
+        """Hand a reading to the subscriber; `metrics` becomes the reading's (no copy)."""
         self.seq += 1
-        reading = Reading(self.spec.device_id, self.spec.kind, now, dict(metrics), self.seq)
+        reading = Reading(self.spec.device_id, self.spec.kind, now, metrics, self.seq)
         try:
             self.fleet.on_reading(reading)
         except Exception:
@@ -229,7 +237,7 @@ class _Unit:
                             op.value, readback[reg.name])
         now = self.fleet.clock()
         self.health = record_success(self.health, now)
-        self.publish(readback, now)
+        self.publish(dict(readback), now)
         return readback
 
 

@@ -24,10 +24,10 @@ from device_drivers.modbus.codec import (
     WIDTH,
     WRITABLE_TABLES,
     DataType,
-    Decoder,
+    DecodeStep,
     InputType,
     Swap,
-    compile_decoder,
+    decode_step,
     encode,
     write_problems,
 )
@@ -167,8 +167,7 @@ class ReadBlock:
     start: int
     count: int
     registers: tuple[Register, ...]
-    # (name, offset in the block, decoder, min, max) per register, prepared once
-    decoders: tuple[tuple[str, int, Decoder, float | None, float | None], ...] = ()
+    steps: tuple[DecodeStep, ...] = ()  # how to decode each register, prepared once
 
 
 def plan_reads(profile: Profile) -> tuple[ReadBlock, ...]:
@@ -194,10 +193,9 @@ def plan_reads(profile: Profile) -> tuple[ReadBlock, ...]:
 
 def _block(table: str, registers: list[Register]) -> ReadBlock:
     start = registers[0].address
-    decoders = tuple((r.name, r.address - start, compile_decoder(r), r.min, r.max)
-                     for r in registers)
+    steps = tuple(decode_step(r, r.address - start) for r in registers)
     return ReadBlock(table, start, max(r.end for r in registers) - start, tuple(registers),
-                     decoders)
+                     steps)
 
 
 @dataclass(frozen=True, slots=True)
