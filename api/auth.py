@@ -74,14 +74,20 @@ def decode_token(settings: JwtSettings, token: str) -> dict[str, Any] | None:
 
 @router.post("/token", response_model=TokenResponse)
 async def login(
-    ctx: Ctx, form: Annotated[OAuth2PasswordRequestForm, Depends()]
+    request: Request, ctx: Ctx, form: Annotated[OAuth2PasswordRequestForm, Depends()]
 ) -> TokenResponse:
+    if "\x00" in form.username or len(form.username) > 128 or len(form.password) > 1024:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, detail="bad username or password"
+        )
+
     def check() -> User | None:
         with ctx.engine.connect() as conn:
             return authenticate(conn, form.username, form.password)
 
     # argon2 takes tens of milliseconds on purpose: keep it off the event loop.
-    user = await run_in_threadpool(check)
+    async with request.app.state.login_slots:
+        user = await run_in_threadpool(check)
     if user is None:
         ctx.metrics.inc("scgw_api_logins_total", result="refused")
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="wrong username or password")

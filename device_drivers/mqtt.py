@@ -34,7 +34,7 @@ def backoff_delays(minimum: float, maximum: float) -> Callable[[int], float]:
     """Full-jitter exponential backoff: attempt n waits uniform(0, min(max, min * 2**n))."""
 
     def delay(attempt: int) -> float:
-        return random.uniform(minimum / 2, min(maximum, minimum * 2**attempt))
+        return random.uniform(minimum / 2, min(maximum, minimum * 2 ** min(attempt, 30)))
 
     return delay
 
@@ -137,7 +137,11 @@ class MqttLink:
                         payload = message.payload
                         data = payload if isinstance(payload, bytes) else str(payload).encode()
                         await self._on_message(message.topic.value, data)
-            except aiomqtt.MqttError as exc:
+            except Exception as exc:
+                # A broker outage (MqttError) or a bug in a handler: either way the link must
+                # come back, never die silently while the process keeps running.
+                if not isinstance(exc, aiomqtt.MqttError):
+                    log.exception("MQTT link error; reconnecting")
                 delay = self._delay(attempt)
                 attempt += 1
                 log.warning(

@@ -61,7 +61,9 @@ def device_topic(root: str, device_id: str, channel: str) -> str:
 
 
 def subscriptions(root: str) -> list[str]:
-    return [f"{root}/devices/+/{channel}" for channel in INBOUND_CHANNELS]
+    """Wildcards for what devices publish; `command` is subscribed per Modbus unit only,
+    or the gateway would hear its own commands to gates and elevators."""
+    return [f"{root}/devices/+/{channel}" for channel in INBOUND_CHANNELS if channel != "command"]
 
 
 def parse_topic(root: str, topic: str) -> Topic | None:
@@ -79,16 +81,20 @@ def load_object(payload: bytes) -> dict[str, Any] | Malformed:
         return Malformed(f"payload larger than {MAX_PAYLOAD_BYTES} bytes")
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return Malformed(f"not UTF-8 JSON: {exc}")
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge ints, deep nesting
+        return Malformed(f"not usable UTF-8 JSON: {str(exc)[:200]}")
     if not isinstance(data, dict):
         return Malformed("payload must be a JSON object")
     return data
 
 
+ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_LEN}}}")
+
+
 def read_id(data: dict[str, Any], key: str) -> str | None:
+    """Ids are printable ASCII without spaces: they end up in logs, topics and SQL rows."""
     value = data.get(key)
-    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN:
+    if isinstance(value, str) and ID_RE.fullmatch(value):
         return value
     return None
 

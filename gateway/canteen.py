@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 Publish = Callable[[str, bytes], Awaitable[None]]
 Observe = Callable[[DeviceConfig, Any, float], None]
 RESOLVE_TIMEOUT_S = 5.0
+SHUTDOWN_GRACE_S = 2.0
 T = TypeVar("T")
 
 
@@ -76,8 +77,9 @@ class CanteenService:
     ) -> None:
         # Payments already taken from the broker are finished and answered, not dropped.
         if self._inflight:
-            await asyncio.wait(self._inflight, timeout=10)
-        self._worker.shutdown(wait=True)
+            await asyncio.wait(self._inflight, timeout=SHUTDOWN_GRACE_S)
+        # Anything still queued was never applied; the terminal's retry will be.
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     def counts(self) -> Counter[str]:
         total: Counter[str] = Counter()

@@ -25,6 +25,8 @@ import binascii
 import hashlib
 import hmac
 import secrets
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -188,16 +190,22 @@ class ReplayGuard:
     """Remembers used tokens until they could no longer pass `check` anyway.
 
     Site-wide single use: one guard is shared by every reader the gateway serves.
-    Memory is bounded by the traffic of three time steps.
+    Forgetting is driven by the earlier of the caller's `now` and the wall clock, so a
+    request carrying a far-future timestamp cannot wipe the memory, and a token is kept for
+    RETAIN_STEPS (10 minutes) rather than the bare validity window, which covers terminals
+    whose clocks or uploads lag. Memory is bounded by the traffic of those steps.
     """
 
-    def __init__(self) -> None:
+    RETAIN_STEPS = 20
+
+    def __init__(self, wall_clock: Callable[[], float] = time.time) -> None:
+        self._wall_clock = wall_clock
         self._seen: dict[int, set[tuple[str, int, bytes, int]]] = {}
 
     def use(self, token: ParsedToken, now: float) -> bool:
         """Mark the token used; False when it had been used before."""
-        current = time_step(now)
-        for step in [s for s in self._seen if s < current - MAX_SKEW_STEPS]:
+        horizon = time_step(min(now, self._wall_clock())) - self.RETAIN_STEPS
+        for step in [s for s in self._seen if s < horizon]:
             del self._seen[step]
         bucket = self._seen.setdefault(token.step, set())
         key = token.replay_key

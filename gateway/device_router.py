@@ -24,6 +24,7 @@ from gateway.metrics import Registry
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
+SEQ_RESET_WINDOW = 1000  # a seq this far behind the last one means the device restarted
 
 
 class Decision(Protocol):
@@ -76,6 +77,7 @@ def register_metrics(metrics: Registry) -> None:
     metrics.counter("scgw_telemetry_readings_total", "Telemetry readings accepted.")
     metrics.counter("scgw_telemetry_duplicates_total", "Telemetry readings dropped as repeats.")
     metrics.counter("scgw_telemetry_gaps_total", "Telemetry sequence gaps seen.")
+    metrics.counter("scgw_telemetry_seq_resets_total", "Devices whose telemetry seq restarted.")
     metrics.counter("scgw_device_events_total", "Device events, by type class.")
 
 
@@ -119,12 +121,13 @@ class DeviceRouter:
         channel = parsed.channel
         self._metrics.inc("scgw_mqtt_messages_total", channel=channel)
         device = self.devices.get(parsed.device_id)
-        if device is None:
-            await self._unknown_device(parsed, payload)
-            return
-        state = self.state[device.device_id]
-        state.last_seen = self._clock()
         try:
+            if device is None:
+                await self._unknown_device(parsed, payload)
+                return
+            if channel != "command":  # our own commands are not signs of life
+                self.state[device.device_id].last_seen = self._clock()
+            state = self.state[device.device_id]
             if channel == "access/request":
                 await self._access_request(device, payload)
             elif channel in ("payment/request", "payment/batch"):
@@ -139,22 +142,38 @@ class DeviceRouter:
                 await self._commands.handle(device, payload)
         except Exception:
             # A bug in one handler must not take the connection (and every gate) down.
-            log.exception("error handling %s from %s", channel, device.device_id)
+            log.exception("error handling %s from %s", channel, parsed.device_id)
             self._error(channel, "internal")
 
     async def _unknown_device(self, parsed: proto.Topic, payload: bytes) -> None:
         self._error(parsed.channel, "unknown_device")
         log.warning("message on %s from unknown device %r", parsed.channel, parsed.device_id)
         if parsed.channel == "access/request":
-            request = proto.parse_access_request(payload)
-            reply_id = request.reply_id if isinstance(request, proto.Malformed) else (
-                request.request_id
+            await self._refuse_access(parsed.device_id, payload)
+        elif parsed.channel == "payment/request":
+            await self._refuse_payment(parsed.device_id, payload)
+
+    async def _refuse_access(self, device_id: str, payload: bytes) -> None:
+        request = proto.parse_access_request(payload)
+        reply_id = request.reply_id if isinstance(request, proto.Malformed) else (
+            request.request_id
+        )
+        if reply_id is not None:
+            topic = proto.device_topic(self._root, device_id, "access/decision")
+            await self._publish(
+                topic, proto.denial_payload(reply_id, "malformed_request", self._clock())
             )
-            if reply_id is not None:
-                topic = proto.device_topic(self._root, parsed.device_id, "access/decision")
-                await self._publish(
-                    topic, proto.denial_payload(reply_id, "malformed_request", self._clock())
-                )
+
+    async def _refuse_payment(self, device_id: str, payload: bytes) -> None:
+        """Payments from something that is not a canteen terminal: refused, never applied."""
+        data = proto.load_object(payload)
+        txn_id = None if isinstance(data, proto.Malformed) else proto.read_id(data, "txn_id")
+        if txn_id is not None:
+            topic = proto.device_topic(self._root, device_id, "payment/result")
+            await self._publish(topic, proto.encode({
+                "txn_id": txn_id, "approved": False, "balance_cents": None,
+                "reason": "malformed_request",
+            }))
 
     async def _access_request(self, device: DeviceConfig, payload: bytes) -> None:
         now = self._clock()
@@ -184,6 +203,8 @@ class DeviceRouter:
     ) -> None:
         reply_topic = proto.device_topic(self._root, device.device_id, "access/decision")
         decision = self._access.decide(device.device_id, ctype, value, now)
+        if self._observer is not None:  # audited even if the answer cannot be delivered
+            self._observer.record(device, decision, now, request_id)
         floors = list(decision.floors) if decision.floors is not None else None
         await self._publish(
             reply_topic,
@@ -199,12 +220,12 @@ class DeviceRouter:
         )
         result = "granted" if decision.granted else str(decision.reason)
         self._metrics.inc("scgw_access_decisions_total", kind=device.kind, result=result)
-        if self._observer is not None:
-            self._observer.record(device, decision, now, request_id)
 
     async def _payment(self, device: DeviceConfig, channel: str, payload: bytes) -> None:
         if self._payments is None or device.kind != "canteen":
             self._error(channel, "not_a_canteen_terminal")
+            if channel == "payment/request":
+                await self._refuse_payment(device.device_id, payload)
             return
         await self._payments.handle(device, channel, payload)
 
@@ -223,10 +244,15 @@ class DeviceRouter:
                 self._error("telemetry", "malformed")
                 continue
             if reading.seq is not None and state.last_seq is not None:
-                if reading.seq <= state.last_seq:
+                if reading.seq < state.last_seq - SEQ_RESET_WINDOW:
+                    # Far behind: the device restarted its counter (or we once got garbage).
+                    self._metrics.inc("scgw_telemetry_seq_resets_total")
+                    log.info("telemetry seq of %s restarted at %d", device.device_id, reading.seq)
+                    state.last_seq = None
+                elif reading.seq <= state.last_seq:
                     self._metrics.inc("scgw_telemetry_duplicates_total")
                     continue
-                if reading.seq > state.last_seq + 1:
+                elif reading.seq > state.last_seq + 1:
                     state.seq_gaps += 1
                     self._metrics.inc("scgw_telemetry_gaps_total")
                     log.info(

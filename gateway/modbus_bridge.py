@@ -8,6 +8,7 @@ Broker ACLs decide who may publish there.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -87,11 +88,26 @@ class ModbusCommands:
         self._root = root
         self._fleet = fleet
         self._publish = publish
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> ModbusCommands:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in self._running:
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
 
     def subscriptions(self) -> list[str]:
         return [proto.device_topic(self._root, d, "command") for d in self._fleet.device_ids]
 
     async def handle(self, device: DeviceConfig, payload: bytes) -> None:
+        """Start the command; a slow or dead unit must not hold up the MQTT reader."""
+        task = asyncio.create_task(self._execute(device, payload), name=f"set-{device.device_id}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(self, device: DeviceConfig, payload: bytes) -> None:
         data = proto.load_object(payload)
         result: dict[str, Any]
         command_id = None

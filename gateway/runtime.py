@@ -106,7 +106,9 @@ class Gateway:
             )
         latest = await stack.enter_async_context(LatestReadings(self.bus, set(devices)))
         modbus = await stack.enter_async_context(modbus_fleet(cfg, self.bus))
-        commands = ModbusCommands(cfg.mqtt.root, modbus, self._publish)
+        commands = await stack.enter_async_context(
+            ModbusCommands(cfg.mqtt.root, modbus, self._publish)
+        )
         self.router = DeviceRouter(
             root=cfg.mqtt.root,
             devices=devices,
@@ -142,7 +144,7 @@ class Gateway:
         )
         await self._start_ble_readers(stack)
         async with asyncio.TaskGroup() as tasks:
-            extras = {"modbus": modbus, "canteen": payments, "latest": latest}
+            extras = {"modbus": modbus, "canteen": payments, "latest": latest, "audit": audit}
             server = self._api_server(engine, access, extras) if cfg.api.enabled else None
             if server is not None:
                 serving = tasks.create_task(server.serve(), name="api-server")

@@ -80,7 +80,8 @@ def test_ble_tag_cannot_be_promoted_to_qr() -> None:
 
 
 def test_replay_guard_is_single_use_and_bounded() -> None:
-    guard = c.ReplayGuard()
+    wall = [NOW]
+    guard = c.ReplayGuard(wall_clock=lambda: wall[0])
     token = c.parse_qr(c.mint_qr(CID, SECRET, NOW))
     assert token is not None
     assert guard.use(token, NOW)
@@ -88,9 +89,21 @@ def test_replay_guard_is_single_use_and_bounded() -> None:
     for i in range(100):
         fresh = c.parse_qr(c.mint_qr(CID, SECRET, NOW))
         assert fresh is not None and guard.use(fresh, NOW + i * 0.1)
-    later = c.parse_qr(c.mint_qr(CID, SECRET, NOW + 300))
-    assert later is not None and guard.use(later, NOW + 300)
-    assert len(guard) == 1  # old steps were forgotten once they could no longer pass
+    wall[0] = NOW + 300
+    assert not guard.use(token, NOW + 300)  # still remembered five minutes later
+    wall[0] = NOW + 3600
+    later = c.parse_qr(c.mint_qr(CID, SECRET, NOW + 3600))
+    assert later is not None and guard.use(later, NOW + 3600)
+    assert len(guard) == 1  # old steps were forgotten once long unusable
+
+
+def test_a_future_timestamp_cannot_wipe_the_replay_memory() -> None:
+    guard = c.ReplayGuard(wall_clock=lambda: NOW)
+    token = c.parse_qr(c.mint_qr(CID, SECRET, NOW))
+    assert token is not None and guard.use(token, NOW)
+    future = c.parse_qr(c.mint_qr(CID, SECRET, NOW + 86400))
+    assert future is not None and guard.use(future, NOW + 86400)
+    assert not guard.use(token, NOW)
 
 
 def test_ten_thousand_random_tokens_are_all_refused() -> None:

@@ -55,8 +55,15 @@ def _device(ctx: Ctx, device_id: str, kind: str) -> None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no {kind} named {device_id!r}")
 
 
-async def _send(ctx: Ctx, device_id: str, command: dict[str, object]) -> str:
-    command_id = f"c-{secrets.token_hex(8)}"
+def _audit(ctx: Ctx, device_id: str, decision: object, command_id: str) -> None:
+    """Remote opens are decisions too: they go into the same hash-chained audit log."""
+    audit = ctx.extras.get("audit")
+    device = ctx.config.device(device_id)
+    if audit is not None and device is not None:
+        audit.record_decision(device_id, device.kind, decision, time.time(), command_id)
+
+
+async def _send(ctx: Ctx, device_id: str, command: dict[str, object], command_id: str) -> None:
     topic = device_topic(ctx.config.mqtt.root, device_id, "command")
     try:
         await ctx.publish(topic, encode({"command_id": command_id, **command}))
@@ -64,7 +71,6 @@ async def _send(ctx: Ctx, device_id: str, command: dict[str, object]) -> str:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, detail="the device network is unreachable"
         ) from None
-    return command_id
 
 
 @router.post(
@@ -76,10 +82,12 @@ async def unlock_gate(ctx: Ctx, user: Resident, device_id: str) -> CommandAccept
     _device(ctx, device_id, "gate")
     assert user.resident_id is not None
     decision = ctx.access.check_remote(user.resident_id, device_id, time.time())
+    command_id = f"c-{secrets.token_hex(8)}"
+    _audit(ctx, device_id, decision, command_id)
     if not decision.granted:
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail=decision.reason)
     duration = decision.duration_s
-    command_id = await _send(ctx, device_id, {"action": "unlock", "duration_s": duration})
+    await _send(ctx, device_id, {"action": "unlock", "duration_s": duration}, command_id)
     return CommandAccepted(command_id=command_id, device_id=device_id, action="unlock")
 
 
@@ -94,11 +102,13 @@ async def call_elevator(
     _device(ctx, device_id, "elevator")
     assert user.resident_id is not None
     decision = ctx.access.check_remote(user.resident_id, device_id, time.time())
+    command_id = f"c-{secrets.token_hex(8)}"
+    _audit(ctx, device_id, decision, command_id)
     if not decision.granted:
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail=decision.reason)
     if body.floor not in (decision.floors or ()):
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail="not_permitted")
-    command_id = await _send(ctx, device_id, {"action": "call_floor", "floor": body.floor})
+    await _send(ctx, device_id, {"action": "call_floor", "floor": body.floor}, command_id)
     return CommandAccepted(
         command_id=command_id, device_id=device_id, action="call_floor", floor=body.floor
     )

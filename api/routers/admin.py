@@ -27,6 +27,9 @@ from gateway.store.users import Role, User
 
 router = APIRouter(prefix="/api/v1", tags=["directory"])
 Staff = Annotated[User, Depends(require_roles(Role.STAFF))]
+# Whoever receives a credential secret can act as that resident everywhere (gates, floors,
+# purse): handing secrets out for others is an admin's job, never a cashier's.
+Admin = Annotated[User, Depends(require_roles())]
 T = TypeVar("T")
 ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 CARD_NUMBER = r"^[\x21-\x7e]{1,64}$"
@@ -243,7 +246,7 @@ async def revoke_card(ctx: Ctx, _: Staff, kind: d.CardKind, card_number: str) ->
 
 
 @router.post("/residents/{resident_id}/credentials", status_code=CREATED)
-async def enrol_credential(ctx: Ctx, _: Staff, resident_id: str,
+async def enrol_credential(ctx: Ctx, _: Admin, resident_id: str,
                            body: CredentialIn) -> dict[str, Any]:
     """The answer carries the secret for the phone's keystore; it is never shown again."""
     return _enrolled(await _run(ctx, lambda c: d.enrol_phone_credential(
@@ -299,7 +302,7 @@ async def list_passes(ctx: Ctx, _: Staff, issued_by: str | None = Query(None, pa
 
 
 @router.post("/visitor-passes", status_code=CREATED)
-async def issue_pass(ctx: Ctx, _: Staff, body: StaffVisitIn) -> dict[str, Any]:
+async def issue_pass(ctx: Ctx, _: Admin, body: StaffVisitIn) -> dict[str, Any]:
     return _issued(await _run(ctx, lambda c: d.issue_visitor_pass(
         c, body.issued_by, body.visitor_name, body.valid_from, body.valid_until,
         gate_ids=body.gate_ids, building_id=body.building_id, floor=body.floor,
