@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, SiteConfig, load_config
 
 app = typer.Typer(help="scgw: the smart-community edge gateway.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -34,6 +34,7 @@ def check_config(path: Annotated[Path, typer.Argument(help="Site YAML file.")]) 
     """Validate a site file; print every problem with its key, line and what was expected."""
     try:
         config = load_config(path)
+        _check_profiles(config)
     except ConfigError as exc:
         err.print(f"[red]{exc.source}: {len(exc.problems)} problem(s)[/red]")
         for problem in exc.problems:
@@ -43,6 +44,23 @@ def check_config(path: Annotated[Path, typer.Argument(help="Site YAML file.")]) 
         f"{path}: OK (site {config.site.id}, {len(config.buildings)} buildings, "
         f"{len(config.devices)} devices)"
     )
+
+
+def _check_profiles(config: SiteConfig) -> None:
+    """Every Modbus device's profile must load: a bad register map fails here, not at 3 am."""
+    from device_drivers.modbus.errors import ProfileError
+    from device_drivers.modbus.profile import load_profile
+
+    problems = []
+    for device in config.devices:
+        if device.profile is None:
+            continue
+        try:
+            load_profile(device.profile)
+        except ProfileError as exc:
+            problems.append(f"device {device.device_id}: profile {device.profile!r}: {exc}")
+    if problems:
+        raise ConfigError("profiles", problems)
 
 
 @app.command()
@@ -109,10 +127,7 @@ def _mount_subcommands() -> None:
     app.add_typer(import_app, name="import")
 
 
-try:
-    _mount_subcommands()
-except ImportError:  # TEMP until features land
-    pass
+_mount_subcommands()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

@@ -105,3 +105,16 @@ def test_check_config_cli_exits_non_zero_and_lists_problems(tmp_path: Path) -> N
     assert "line 2: mqtt.root" in result.output
     ok = runner.invoke(app, ["check-config", str(EXAMPLE)], env={"SCGW__MQTT__PASSWORD": ""})
     assert ok.exit_code == 0, ok.output
+
+
+def test_check_config_loads_every_modbus_profile(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "site: {id: s}\ndevices:\n"
+        "  - {device_id: m1, kind: meter, host: 127.0.0.1, port: 502, profile: eastron-sdm630}\n"
+        "  - {device_id: m2, kind: meter, host: 127.0.0.1, port: 502, profile: no-such-meter}\n"
+    )
+    result = CliRunner().invoke(app, ["check-config", str(site)])
+    assert result.exit_code == 1
+    assert "device m2: profile 'no-such-meter'" in result.output
+    assert "m1" not in result.output
