@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 
 from api.auth import Ctx, Resident, require_roles
 from gateway.ledger import rules
+from gateway.ledger.reports import ShortfallRow
 from gateway.ledger.service import (
     IdempotencyConflict,
     InvalidRequest,
@@ -75,19 +76,6 @@ class ReceiptOut(BaseModel):
     amount_cents: int
     balance_cents: int
     replayed: bool
-
-
-class ShortfallOut(BaseModel):
-    terminal_id: str
-    txn_id: str
-    account_id: str | None
-    amount_cents: int
-    covered_cents: int
-    shortfall_cents: int
-    reason: str
-    over_limit: str | None
-    request_ts: float
-    posted_at: float
 
 
 class SettlementRowOut(BaseModel):
@@ -214,14 +202,14 @@ async def refund(
     return _receipt(await run_in_threadpool(run), response)
 
 
-@router.get("/canteen/reconciliation", response_model=list[ShortfallOut])
+@router.get("/canteen/reconciliation", response_model=list[ShortfallRow])
 async def reconciliation(
     day: Annotated[date, Query(alias="date")], _: Staff, ledger: LedgerDep,
     tz: Annotated[str, Query()] = "UTC",
-) -> list[ShortfallOut]:
+) -> list[ShortfallRow]:
     """Offline sales posted that day that their purse could not cover."""
     rows = await run_in_threadpool(ledger.reconcile, day, _zone(tz))
-    return [ShortfallOut(**asdict(row)) for row in rows]
+    return list(rows)
 
 
 @router.get("/canteen/settlement", response_model=SettlementOut)
