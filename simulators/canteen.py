@@ -157,7 +157,9 @@ class CanteenTerminal:
             self._waiting.pop(key, None)
 
     def new_txn_id(self) -> str:
-        return f"{self.device_id}-{self._session}-{next(self._txn_numbers)}"
+        # The gateway stores ids of at most 64 characters; a long device id is shortened
+        # (the session and counter keep the id unique on this terminal).
+        return f"{self.device_id[:36]}-{self._session}-{next(self._txn_numbers)}"
 
     async def sell(self, amount_cents: int, credential: CredentialSource) -> Sale:
         """One customer at the till: online if possible, else offline within the limits."""

@@ -128,7 +128,7 @@ def test_a_retried_qr_payment_is_answered_without_spending_the_token_again(
 
 def test_a_batch_with_bad_items_retries_and_duplicates(ledger: Ledger) -> None:
     ledger.topup("r-1", 1000, "topup-key-1")
-    handler = PaymentHandler(ledger, Directory().resolve)
+    handler = PaymentHandler(ledger, Directory().resolve, clock=lambda: 3600.0)
     handler.handle_request("pos-1", request("t-1", 400, "card", "card-1"))
     items = [json.loads(request(*args)) for args in [
         ("t-1", 400, "card", "card-1"),  # answered online before the outage

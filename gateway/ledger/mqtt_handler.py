@@ -7,7 +7,14 @@ A retried request is answered from the stored result *before* its credential is 
 again: resolving consumes a single-use QR/BLE token, so a retry carrying the same token
 would otherwise be refused as `replayed_token` although the first attempt was approved.
 Requests for the same (terminal, txn_id) are also serialised here, so a retry that overtakes
-its original waits for it instead of racing it to the database.
+its original waits for it instead of racing it to the database. A retry whose first attempt
+resolved its credential but failed to commit (database down, a crash of the write) reuses
+that first resolution, remembered here for a while, instead of spending the token again.
+
+Every payment made with a QR/BLE token carries the token's key (credential id, time step,
+nonce, kind; never the token) into the ledger, which stores it under a unique index: the
+in-memory replay guard forgets tokens after a few minutes, but an offline upload that brings
+an already spent token back under a new txn_id is still refused as `replayed_token`.
 """
 
 from __future__ import annotations
@@ -15,13 +22,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from device_drivers.mqtt_protocol import (
+    MAX_ID_LEN,
     Credential,
     Malformed,
     encode,
@@ -30,6 +38,7 @@ from device_drivers.mqtt_protocol import (
     read_id,
     read_ts,
 )
+from gateway.credentials import parse_ble_hex, parse_qr
 from gateway.ledger import rules
 from gateway.ledger.rules import PaymentResult, Reason
 from gateway.ledger.service import BatchPayment, Ledger
@@ -41,6 +50,14 @@ RESULT_CHANNEL = "payment/result"
 BATCH_CHANNEL = "payment/batch"
 BATCH_RESULT_CHANNEL = "payment/batch_result"
 MAX_BATCH_PAYMENTS = 1000
+# An offline sale is refused as malformed when its ts lies further in the future than clock
+# skew explains, or further back than any outage a terminal's queue could have survived.
+MAX_BATCH_FUTURE_S = 60.0
+MAX_BATCH_AGE_S = 7 * 24 * 3600.0
+# How long, and for how many payments, a resolution is kept for a retry whose first
+# attempt did not reach the ledger.
+RESOLUTION_TTL_S = 600.0
+MAX_RESOLUTIONS = 10_000
 
 Resolver = Callable[[str, str, float], "str | Reason"]
 """resolve(credential_type, value, now) -> the purse's account id, or a refusal reason.
@@ -68,10 +85,44 @@ class Reply:
     payload: bytes
 
 
+def token_key(credential: Credential) -> str | None:
+    """What identifies a QR/BLE token for good (never the token: no tag), or None.
+
+    At most 41 characters ("ble:" + 16 hex + ":" + step + ":" + nonce hex), so it fits the
+    ledger's String(64) column.
+    """
+    if credential.type == "qr":
+        token = parse_qr(credential.value)
+    elif credential.type == "ble":
+        token = parse_ble_hex(credential.value)
+    else:
+        return None
+    if token is None:
+        return None
+    return f"{credential.type}:{token.credential_id}:{token.step}:{token.nonce.hex()}"
+
+
+def _read_id(data: dict[str, Any], key: str) -> tuple[str | None, str | None]:
+    """(the id when the ledger can store it, what to answer to), e.g. (None, "t\x00").
+
+    An id that cannot be stored (over 64 characters, not printable ASCII) is still echoed
+    in a `malformed_request` answer when it is a short string, so the terminal stops
+    re-sending instead of retrying forever; it never reaches a log line or the database.
+    """
+    value = data.get(key)
+    usable = read_id(data, key)
+    if usable is not None and rules.validate_id(usable, key) is None:
+        return usable, usable
+    if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN:
+        return None, value
+    return None, None
+
+
 def _payment_fields(data: dict[str, Any]) -> PaymentMessage | Malformed:
-    txn_id = read_id(data, "txn_id")
+    txn_id, reply_id = _read_id(data, "txn_id")
     if txn_id is None:
-        return Malformed("txn_id must be a non-empty string")
+        return Malformed("txn_id must be 1-64 printable ASCII characters without spaces",
+                         reply_id)
     amount = data.get("amount_cents")
     if isinstance(amount, bool) or not isinstance(amount, int):
         return Malformed("amount_cents must be an integer number of cents", txn_id)
@@ -93,24 +144,42 @@ def parse_payment_request(payload: bytes) -> PaymentMessage | Malformed:
 
 
 def parse_payment_batch(payload: bytes) -> BatchMessage | Malformed:
-    """A batch, or Malformed (with the batch_id when readable); bad items stay in place."""
+    """A batch, or Malformed (with the batch_id when readable); bad items stay in place.
+
+    A batch_id the ledger cannot store (over 64 characters, or not printable ASCII) makes
+    every item malformed, so the terminal gets a `malformed_request` for each of its sales
+    instead of silence and endless re-uploads.
+    """
     data = load_object(payload)
     if isinstance(data, Malformed):
         return data
-    batch_id = read_id(data, "batch_id")
-    if batch_id is None:
+    batch_id, reply_id = _read_id(data, "batch_id")
+    if reply_id is None:
         return Malformed("batch_id must be a non-empty string")
     items = data.get("payments")
     if not isinstance(items, list):
-        return Malformed("payments must be a list of payment requests", batch_id)
+        return Malformed("payments must be a list of payment requests", reply_id)
     if len(items) > MAX_BATCH_PAYMENTS:
-        return Malformed(f"a batch holds at most {MAX_BATCH_PAYMENTS} payments", batch_id)
+        return Malformed(f"a batch holds at most {MAX_BATCH_PAYMENTS} payments", reply_id)
     parsed = tuple(
         _payment_fields(item) if isinstance(item, dict)
         else Malformed("each payment must be a JSON object")
         for item in items
     )
-    return BatchMessage(batch_id, parsed)
+    if batch_id is None:
+        problem = "batch_id must be 1-64 printable ASCII characters without spaces"
+        parsed = tuple(Malformed(problem, p.txn_id) if isinstance(p, PaymentMessage) else p
+                       for p in parsed)
+    return BatchMessage(reply_id, parsed)
+
+
+def batch_ts_problem(ts: float, now: float) -> str | None:
+    """Why an offline sale's ts is not believable, or None."""
+    if ts > now + MAX_BATCH_FUTURE_S:
+        return f"ts lies more than {MAX_BATCH_FUTURE_S:.0f} s in the future"
+    if ts < now - MAX_BATCH_AGE_S:
+        return f"ts is older than {MAX_BATCH_AGE_S / 86400:.0f} days"
+    return None
 
 
 def malformed_result(txn_id: str) -> PaymentResult:
@@ -149,6 +218,58 @@ class _KeyedLocks:
                     self._locks[key] = (lock, users - 1)
 
 
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    credential: Credential
+    resolution: rules.Resolution
+    at: float
+
+
+class _Resolutions:
+    """(terminal, txn_id) -> the first resolution of its credential, bounded in age and size.
+
+    Only a retry with the very same credential reuses it; an entry is dropped once its
+    payment is stored (from then on the ledger answers retries).
+    """
+
+    def __init__(self, ttl_s: float = RESOLUTION_TTL_S, limit: int = MAX_RESOLUTIONS) -> None:
+        self._ttl_s = ttl_s
+        self._limit = limit
+        self._entries: OrderedDict[tuple[str, str], _Resolved] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str], credential: Credential,
+            now: float) -> rules.Resolution | None:
+        with self._lock:
+            self._prune(now)
+            entry = self._entries.get(key)
+            if entry is None or entry.credential != credential:
+                return None
+            return entry.resolution
+
+    def put(self, key: tuple[str, str], credential: Credential, resolution: rules.Resolution,
+            now: float) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = _Resolved(credential, resolution, now)
+            self._prune(now)
+
+    def forget(self, keys: Iterable[tuple[str, str]]) -> None:
+        with self._lock:
+            for key in keys:
+                self._entries.pop(key, None)
+
+    def _prune(self, now: float) -> None:
+        while self._entries:
+            key, oldest = next(iter(self._entries.items()))
+            if len(self._entries) <= self._limit and oldest.at > now - self._ttl_s:
+                break
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class PaymentHandler:
     """Answers `payment/request` and `payment/batch` messages of canteen terminals.
 
@@ -162,6 +283,7 @@ class PaymentHandler:
         self._resolve = resolve
         self._clock = clock
         self._inflight = _KeyedLocks()
+        self._resolutions = _Resolutions()
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
 
@@ -207,14 +329,26 @@ class PaymentHandler:
                                           message.amount_cents)
             now = self._clock()
             ts = now if message.ts is None else message.ts
-            resolution = rules.as_resolution(
-                self._resolve(message.credential.type, message.credential.value,
-                              ts if offline else now)
-            )
+            key = (terminal_id, message.txn_id)
+            resolution = self._resolution(key, message.credential, ts if offline else now, now)
             result = self.ledger.pay(terminal_id, message.txn_id, message.amount_cents,
-                                     resolution, ts, offline=offline)
+                                     resolution, ts, offline=offline,
+                                     token_key=token_key(message.credential))
+            self._resolutions.forget([key])
         self._tally(result)
         return result
+
+    def _resolution(self, key: tuple[str, str], credential: Credential, at: float,
+                    now: float) -> rules.Resolution:
+        """Resolve the credential as of `at`, or reuse what a failed first attempt got."""
+        remembered = self._resolutions.get(key, credential, now)
+        if remembered is not None:
+            log.info("payment %s/%s retried after a failed write; reusing its resolution",
+                     *key)
+            return remembered
+        resolution = rules.as_resolution(self._resolve(credential.type, credential.value, at))
+        self._resolutions.put(key, credential, resolution, now)
+        return resolution
 
     def handle_batch(self, terminal_id: str, payload: bytes) -> bytes | None:
         """Apply an offline upload in order; one result per distinct txn_id.
@@ -229,10 +363,21 @@ class PaymentHandler:
             if batch.reply_id is None:
                 return None
             return batch_result_payload(batch.reply_id, [])
-        valid = [p for p in batch.payments if isinstance(p, PaymentMessage)]
-        stored = self.ledger.lookup_many(terminal_id, (p.txn_id for p in valid))
+        candidates = [p for p in batch.payments if isinstance(p, PaymentMessage)]
+        stored = self.ledger.lookup_many(terminal_id, (p.txn_id for p in candidates))
         self._count("retry", len(stored))
         now = self._clock()
+        items: list[PaymentMessage | Malformed] = []
+        for item in batch.payments:
+            if (isinstance(item, PaymentMessage) and item.ts is not None
+                    and item.txn_id not in stored):
+                # A decided sale keeps its first answer; only new ones are checked.
+                problem = batch_ts_problem(item.ts, now)
+                if problem is not None:
+                    items.append(Malformed(problem, item.txn_id))
+                    continue
+            items.append(item)
+        valid = [p for p in items if isinstance(p, PaymentMessage)]
         to_apply: list[BatchPayment] = []
         resolved: set[str] = set()
         for p in valid:
@@ -245,18 +390,18 @@ class PaymentHandler:
                 # Decided already: the ledger answers from the stored row, never from this.
                 resolution: rules.Resolution = previous.account_id or Reason.NOT_PERMITTED
             else:
-                resolution = rules.as_resolution(
-                    self._resolve(p.credential.type, p.credential.value, ts)
-                )
-            to_apply.append(BatchPayment(p.txn_id, p.amount_cents, resolution, ts))
+                resolution = self._resolution((terminal_id, p.txn_id), p.credential, ts, now)
+            to_apply.append(BatchPayment(p.txn_id, p.amount_cents, resolution, ts,
+                                         token_key(p.credential)))
         applied = {r.txn_id: r for r in self.ledger.apply_batch(terminal_id, batch.batch_id,
                                                                   to_apply)}
+        self._resolutions.forget((terminal_id, txn_id) for txn_id in applied)
         for txn_id, r in applied.items():
             if txn_id not in stored:
                 self._tally(r)
         results: list[PaymentResult] = []
         answered: set[str] = set()
-        for item in batch.payments:
+        for item in items:
             if isinstance(item, Malformed):
                 self._count("malformed")
                 if item.reply_id is not None and item.reply_id not in answered:

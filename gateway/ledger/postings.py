@@ -67,6 +67,7 @@ _ADD_SHORTFALL = insert(canteen_shortfalls)
 _PAYMENT = select(canteen_payments).where(
     _P.terminal_id == bindparam("b_terminal"), _P.txn_id == bindparam("b_txn")
 )
+_TOKEN_USED = select(_P.txn_id).where(_P.token_key == bindparam("b_token")).limit(1)
 _PAYMENTS = select(canteen_payments).where(
     _P.terminal_id == bindparam("b_terminal"), _P.txn_id.in_(bindparam("b_txns", expanding=True))
 )
@@ -200,6 +201,11 @@ def load_payments(
         _PAYMENTS, {"b_terminal": terminal_id, "b_txns": txn_ids}
     ).mappings().all()
     return {row["txn_id"]: stored_payment(row) for row in rows}
+
+
+def token_used(conn: Connection, token_key: str) -> bool:
+    """Whether a stored payment was made with this QR/BLE token already."""
+    return conn.execute(_TOKEN_USED, {"b_token": token_key}).first() is not None
 
 
 def record_payment(conn: Connection, values: dict[str, Any]) -> None:

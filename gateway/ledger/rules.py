@@ -91,6 +91,8 @@ class PaymentRequest:
     ts: float
     offline: bool = False
     batch_id: str | None = None
+    # Set when the credential was a QR/BLE token: see `token_key` in mqtt_handler.
+    token_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,14 +107,22 @@ def validate_payment(terminal_id: str, txn_id: str, amount_cents: object, ts: ob
     """Why a payment request cannot be processed, or None when it can."""
     if not ACCOUNT_ID_PATTERN.fullmatch(terminal_id):
         return f"terminal id {terminal_id!r} is not a valid id"
-    if not TXN_ID_PATTERN.fullmatch(txn_id):
-        return "txn_id must be 1-64 printable ASCII characters without spaces"
+    problem = validate_id(txn_id, "txn_id")
+    if problem is not None:
+        return problem
     if not isinstance(amount_cents, int) or isinstance(amount_cents, bool):
         return "amount_cents must be an integer number of cents"
     if not 0 < amount_cents <= MAX_AMOUNT_CENTS:
         return f"amount_cents must be between 1 and {MAX_AMOUNT_CENTS}"
     if not isinstance(ts, int | float) or isinstance(ts, bool) or not math.isfinite(ts):
         return "ts must be a finite number of Unix seconds"
+    return None
+
+
+def validate_id(value: object, name: str) -> str | None:
+    """Why a terminal-chosen id (txn_id, batch_id) cannot be stored, or None when it can."""
+    if not isinstance(value, str) or not TXN_ID_PATTERN.fullmatch(value):
+        return f"{name} must be 1-64 printable ASCII characters without spaces"
     return None
 
 

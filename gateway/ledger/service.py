@@ -82,6 +82,7 @@ class BatchPayment:
     amount_cents: int
     resolution: rules.Resolution
     ts: float
+    token_key: str | None = None  # when the credential was a QR/BLE token
 
 
 class Ledger:
@@ -124,7 +125,8 @@ class Ledger:
     def warm_up(self) -> None:
         """Compile the hot statements with a top-up and a payment that are rolled back, so
         the first real payment after a (re)start is as fast as the rest."""
-        probe = PaymentRequest("warm-up", "warm-up", 1, "warm-up", 0.0)
+        probe = PaymentRequest("warm-up", "warm-up", 1, "warm-up", 0.0,
+                               token_key="warm-up")  # noqa: S106 - not a secret
         with self.engine.connect() as conn:
             transaction = conn.begin()
             try:
@@ -161,9 +163,15 @@ class Ledger:
         resolution: rules.Resolution,
         ts: float,
         offline: bool = False,
+        token_key: str | None = None,
     ) -> PaymentResult:
-        """Debit once per (terminal, txn_id); every retry gets the first result."""
-        request = PaymentRequest(terminal_id, txn_id, amount_cents, resolution, ts, offline)
+        """Debit once per (terminal, txn_id); every retry gets the first result.
+
+        `token_key` identifies the single-use QR/BLE token the credential was (never the
+        token itself): a second payment carrying the same key is refused as replayed_token.
+        """
+        request = PaymentRequest(terminal_id, txn_id, amount_cents, resolution, ts, offline,
+                                 token_key=token_key)
         return self.pay_many([request])[0]
 
     def pay_many(
@@ -177,6 +185,10 @@ class Ledger:
         valid: list[int] = []
         for i, req in enumerate(requests):
             problem = rules.validate_payment(req.terminal_id, req.txn_id, req.amount_cents, req.ts)
+            if problem is None and req.batch_id is not None:
+                problem = rules.validate_id(req.batch_id, "batch_id")
+            if problem is None and req.token_key is not None and len(req.token_key) > 64:
+                problem = "token_key must be at most 64 characters"
             if problem is None:
                 valid.append(i)
             else:
@@ -214,7 +226,16 @@ class Ledger:
             return rules.retry_result(existing.result, existing.amount_cents, req.amount_cents)
         account_id: str | None = None
         balance: int | None = None
-        if isinstance(req.resolution, Reason):
+        token_key = None if isinstance(req.resolution, Reason) else req.token_key
+        if token_key is not None and postings.token_used(conn, token_key):
+            # The token paid already (maybe online, before an offline upload brought it
+            # back under another txn_id): a single-use token never pays twice.
+            log.info("payment %s/%s refused: its token paid already", req.terminal_id,
+                     req.txn_id)
+            token_key = None
+            outcome = rules.refused_credential(Reason.REPLAYED_TOKEN, req.amount_cents,
+                                               req.offline)
+        elif isinstance(req.resolution, Reason):
             outcome = rules.refused_credential(req.resolution, req.amount_cents, req.offline)
         else:
             account_id = req.resolution
@@ -235,7 +256,7 @@ class Ledger:
             "reason": None if outcome.reason is None else outcome.reason.value,
             "debited_cents": outcome.debit_cents, "shortfall_cents": outcome.shortfall_cents,
             "balance_cents": balance, "journal_id": journal_id, "batch_id": req.batch_id,
-            "posted_at": now,
+            "posted_at": now, "token_key": token_key,
         })
         if outcome.shortfall_cents > 0:
             postings.record_shortfall(conn, {
@@ -274,7 +295,7 @@ class Ledger:
             exposure = exposure.add(card_key, payment.amount_cents)
             requests.append(PaymentRequest(
                 terminal_id, payment.txn_id, payment.amount_cents, payment.resolution,
-                payment.ts, offline=True, batch_id=batch_id,
+                payment.ts, offline=True, batch_id=batch_id, token_key=payment.token_key,
             ))
         return self.pay_many(requests, flags)
 

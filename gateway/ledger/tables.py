@@ -94,10 +94,15 @@ canteen_payments = Table(
     Column("journal_id", Integer, ForeignKey("canteen_journal.journal_id"), nullable=True),
     Column("batch_id", String(64), nullable=True),
     Column("posted_at", Float, nullable=False),
+    # For a payment whose QR/BLE token resolved to a purse: "kind:credential:step:nonce",
+    # never the token itself (no tag). Unique, so one token pays at most once, however
+    # late an offline upload brings it back.
+    Column("token_key", String(64), nullable=True),
     CheckConstraint("status IN ('approved', 'refused', 'shortfall')", name="status"),
     CheckConstraint("debited_cents + shortfall_cents <= amount_cents", name="covered"),
 )
 Index("ix_canteen_payments_posted_at", canteen_payments.c.posted_at)
+Index("ix_canteen_payments_token_key", canteen_payments.c.token_key, unique=True)
 
 canteen_shortfalls = Table(
     "canteen_shortfalls",

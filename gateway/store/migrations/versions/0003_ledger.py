@@ -93,6 +93,7 @@ def upgrade() -> None:
         sa.Column("journal_id", sa.Integer, nullable=True),
         sa.Column("batch_id", sa.String(64), nullable=True),
         sa.Column("posted_at", sa.Float, nullable=False),
+        sa.Column("token_key", sa.String(64), nullable=True),
         sa.PrimaryKeyConstraint("terminal_id", "txn_id", name="pk_canteen_payments"),
         sa.ForeignKeyConstraint(
             ["journal_id"],
@@ -107,6 +108,9 @@ def upgrade() -> None:
         ),
     )
     op.create_index("ix_canteen_payments_posted_at", "canteen_payments", ["posted_at"])
+    op.create_index(
+        "ix_canteen_payments_token_key", "canteen_payments", ["token_key"], unique=True
+    )
     op.create_table(
         "canteen_shortfalls",
         sa.Column("terminal_id", sa.String(64), nullable=False),
