@@ -27,19 +27,6 @@ Publish = Callable[[str, bytes], Awaitable[None]]
 SEQ_RESET_WINDOW = 1000  # a seq this far behind the last one means the device restarted
 
 
-class Decision(Protocol):
-    @property
-    def granted(self) -> bool: ...
-    @property
-    def action(self) -> str: ...
-    @property
-    def floors(self) -> tuple[int, ...] | list[int] | None: ...
-    @property
-    def reason(self) -> str | None: ...
-    @property
-    def duration_s(self) -> int: ...
-
-
 class AccessDecider(Protocol):
     def decide(self, device_id: str, credential_type: str, value: str, now: float) -> Any: ...
 

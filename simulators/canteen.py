@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import itertools
 import json
@@ -30,12 +31,13 @@ from typing import Any
 
 import aiomqtt
 
-from device_drivers.mqtt import NO_DELAY
 from device_drivers.mqtt_protocol import Credential
 from gateway.credentials import parse_ble_hex, parse_qr
 from gateway.ledger.rules import DEFAULT_LIMITS, OfflineExposure, OfflineLimits
+from simulators.device_link import device_connection
 
 log = logging.getLogger(__name__)
+TERMINAL_CHANNELS = ["payment/result", "payment/batch_result"]
 
 CredentialSource = Callable[[], Credential | Awaitable[Credential]]
 MENU_CENTS = (600, 800, 1200, 1500, 1800, 2200)
@@ -84,6 +86,7 @@ class CanteenTerminal:
     _queue: list[dict[str, Any]] = field(default_factory=list)
     _exposure: OfflineExposure = field(default_factory=OfflineExposure)
     _client: aiomqtt.Client | None = None
+    _stack: contextlib.AsyncExitStack | None = None
     _task: asyncio.Task[None] | None = None
     _waiting: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     _txn_numbers: itertools.count[int] = field(default_factory=itertools.count)
@@ -93,15 +96,10 @@ class CanteenTerminal:
         return f"{self.root}/devices/{self.device_id}/{channel}"
 
     async def __aenter__(self) -> CanteenTerminal:
-        self._client = aiomqtt.Client(
-            self.host, self.port, identifier=f"sim-{self.device_id}-{self._session}",
-            will=aiomqtt.Will(self.topic("status"), b'{"online":false}', qos=1, retain=True),
-            socket_options=NO_DELAY,
+        self._stack = contextlib.AsyncExitStack()
+        self._client = await self._stack.enter_async_context(
+            device_connection(self.host, self.port, self.root, self.device_id, TERMINAL_CHANNELS)
         )
-        await self._client.__aenter__()
-        await self._client.subscribe(self.topic("payment/result"), qos=1)
-        await self._client.subscribe(self.topic("payment/batch_result"), qos=1)
-        await self._client.publish(self.topic("status"), b'{"online":true}', qos=1, retain=True)
         self._task = asyncio.create_task(self._listen(), name=f"canteen-{self.device_id}")
         return self
 
@@ -115,13 +113,8 @@ class CanteenTerminal:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        if self._client is not None:
-            try:
-                await self._client.publish(
-                    self.topic("status"), b'{"online":false}', qos=1, retain=True)
-            except aiomqtt.MqttError:
-                pass
-            await self._client.__aexit__(exc_type, exc, tb)
+        if self._stack is not None:
+            await self._stack.aclose()
 
     async def _listen(self) -> None:
         assert self._client is not None

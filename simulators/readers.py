@@ -9,6 +9,7 @@ commands (`unlock`, `call_floor`) do the same. State changes are kept as a list 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -19,9 +20,10 @@ from typing import Any
 
 import aiomqtt
 
-from device_drivers.mqtt import NO_DELAY
+from simulators.device_link import device_connection
 
 log = logging.getLogger(__name__)
+READER_CHANNELS = ["access/decision", "command"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class ReaderSimulator:
     root: str = "scgw"
     actuations: list[Actuation] = field(default_factory=list)
     _client: aiomqtt.Client | None = None
+    _stack: contextlib.AsyncExitStack | None = None
     _task: asyncio.Task[None] | None = None
     _pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -50,17 +53,10 @@ class ReaderSimulator:
         return f"{self.root}/devices/{self.device_id}/{channel}"
 
     async def __aenter__(self) -> ReaderSimulator:
-        self._client = aiomqtt.Client(
-            self.host,
-            self.port,
-            identifier=f"sim-{self.device_id}-{secrets.token_hex(3)}",
-            will=aiomqtt.Will(self.topic("status"), b'{"online":false}', qos=1, retain=True),
-            socket_options=NO_DELAY,
+        self._stack = contextlib.AsyncExitStack()
+        self._client = await self._stack.enter_async_context(
+            device_connection(self.host, self.port, self.root, self.device_id, READER_CHANNELS)
         )
-        await self._client.__aenter__()
-        await self._client.subscribe(self.topic("access/decision"), qos=1)
-        await self._client.subscribe(self.topic("command"), qos=1)
-        await self._client.publish(self.topic("status"), b'{"online":true}', qos=1, retain=True)
         self._task = asyncio.create_task(self._listen(), name=f"reader-{self.device_id}")
         return self
 
@@ -76,14 +72,8 @@ class ReaderSimulator:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        if self._client is not None:
-            try:
-                await self._client.publish(
-                    self.topic("status"), b'{"online":false}', qos=1, retain=True
-                )
-            except aiomqtt.MqttError:
-                pass
-            await self._client.__aexit__(exc_type, exc, tb)
+        if self._stack is not None:
+            await self._stack.aclose()
 
     async def present(
         self, credential_type: str, value: str, timeout_s: float = 5.0

@@ -1,0 +1,40 @@
+"""The MQTT session every simulated device opens, as a real one would.
+
+Retained `{"online": true}` on connect, the same as a last will, `{"online": false}` on a
+clean goodbye, TCP_NODELAY, and the device's own inbound channels subscribed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Sequence
+
+import aiomqtt
+
+from device_drivers.mqtt import NO_DELAY
+
+ONLINE = b'{"online":true}'
+OFFLINE = b'{"online":false}'
+
+
+@contextlib.asynccontextmanager
+async def device_connection(
+    host: str, port: int, root: str, device_id: str, channels: Sequence[str]
+) -> AsyncIterator[aiomqtt.Client]:
+    status = f"{root}/devices/{device_id}/status"
+    async with aiomqtt.Client(
+        host,
+        port,
+        identifier=f"sim-{device_id[:40]}-{secrets.token_hex(3)}",
+        will=aiomqtt.Will(status, OFFLINE, qos=1, retain=True),
+        socket_options=NO_DELAY,
+    ) as client:
+        for channel in channels:
+            await client.subscribe(f"{root}/devices/{device_id}/{channel}", qos=1)
+        await client.publish(status, ONLINE, qos=1, retain=True)
+        try:
+            yield client
+        finally:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(status, OFFLINE, qos=1, retain=True)
