@@ -33,7 +33,7 @@ class ApiContext:
     engine: Engine
     jwt: JwtSettings
     metrics: Registry
-    access: Any  # gateway.access_service.AccessService
+    access: Any  # gateway.access.service.AccessService
     publish: Callable[[str, bytes], Awaitable[None]]
     device_state: Mapping[str, Any] = field(default_factory=dict)
     ready: Callable[[], bool] = lambda: True

@@ -39,7 +39,7 @@ SEED = 7
 
 
 def readers() -> list[Any]:
-    from gateway.access import Reader
+    from gateway.access.decision import Reader
 
     out = [Reader(f"gate-{g}", "gate") for g in range(PERIMETER_GATES)]
     out += [Reader(f"canteen-{t}", "canteen") for t in range(CANTEENS)]
@@ -56,7 +56,7 @@ def populate(url: str) -> dict[str, Any]:
     """Bulk rows straight into the tables: the repository's per-row checks would take minutes."""
     from sqlalchemy import insert
 
-    from gateway.credentials import new_credential_id, new_secret
+    from device_drivers.tokens import new_credential_id, new_secret
     from gateway.store import db
     from gateway.store import directory as d
 
@@ -120,8 +120,8 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 async def measure(url: str, decisions: int) -> dict[str, Any]:
     from gateway import credentials as c
-    from gateway.access_service import AccessService
-    from gateway.directory_index import build_index
+    from gateway.access.index import build_index
+    from gateway.access.service import AccessService
     from gateway.store import db
     from gateway.store import directory as d
 

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from bench.harness import gateway_process, percentile
-from gateway.broker import Mosquitto
 from simulators.canteen import CanteenTerminal, card_credential, lunch_hour
+from simulators.demo.broker import Mosquitto
 
 
 async def measure(rate: float, seconds: float) -> dict[str, object]:

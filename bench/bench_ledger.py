@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.ledger.mqtt_handler import PaymentHandler
-from gateway.ledger.rules import PaymentRequest
-from gateway.ledger.service import Ledger
+from gateway.canteen.ledger import Ledger
+from gateway.canteen.payments import PaymentHandler
+from gateway.canteen.policy import PaymentRequest
 from gateway.store.db import make_engine, upgrade
 
 ACCOUNTS = [f"bench-{i}" for i in range(50)]
@@ -134,8 +134,8 @@ async def bench_mqtt(workdir: Path, seconds: float, rate: float = 100.0) -> None
     import aiomqtt
 
     from device_drivers.mqtt import NO_DELAY
-    from gateway.broker import Mosquitto, mosquitto_binary
     from simulators.canteen import CanteenTerminal, card_credential, lunch_hour
+    from simulators.demo.broker import Mosquitto, mosquitto_binary
 
     if mosquitto_binary() is None:
         print("MQTT round trip: skipped (mosquitto is not installed)")
@@ -175,7 +175,7 @@ async def bench_mqtt(workdir: Path, seconds: float, rate: float = 100.0) -> None
 
 
 def bench_kill(workdir: Path, trials: int) -> None:
-    from gateway.ledger.stress_worker import run_kill_trials, verify_kill_run
+    from tests.ledger_stress_worker import run_kill_trials, verify_kill_run
 
     url = f"sqlite:///{workdir / 'kill'}.db"
     upgrade(url)

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from device_drivers.modbus import CycleStats, ModbusDeviceSpec, ModbusFleet  # noqa: E402
-from gateway.events import Reading  # noqa: E402
+from device_drivers.vocabulary import Reading  # noqa: E402
 
 HOST = "127.0.0.1"
 PROFILE = """\

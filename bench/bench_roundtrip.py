@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.harness import gateway_process, percentile
-from gateway.broker import MOSQUITTO_CONF, Mosquitto
+from simulators.demo.broker import MOSQUITTO_CONF, Mosquitto
 from simulators.phone import SimulatedPhone
 from simulators.readers import ReaderSimulator
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import yaml
 
-from gateway.broker import Mosquitto
+from gateway.canteen.ledger import Ledger
 from gateway.config import SiteConfig
-from gateway.demo import BUILDINGS, READERS
-from gateway.demo_seed import DemoPeople, seed_demo
-from gateway.ledger.service import Ledger
 from gateway.store import db
+from simulators.demo.broker import Mosquitto
+from simulators.demo.community import BUILDINGS, READERS
+from simulators.demo.seed import DemoPeople, seed_demo
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -55,7 +55,7 @@ def gateway_process(
     engine.dispose()
     env = {**os.environ, "SCGW__API__JWT_SECRET": secrets.token_hex(32)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "--config", str(config_path)],
+        [sys.executable, "-m", "gateway.app.cli", "run", "--config", str(config_path)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

@@ -1,6 +1,6 @@
 """BLE reader: turns scgw tokens in phones' advertisements into access requests.
 
-A phone advertises a 23-byte BLE token (gateway/credentials.py) as manufacturer data under
+A phone advertises a 23-byte BLE token (device_drivers/tokens.py) as manufacturer data under
 `BLE_COMPANY_ID`. Each scanner is bound to one reader device id (one adapter per reader, or
 a shared adapter with per-reader RSSI thresholds), so a token heard near the elevator is
 never presented at the gate. Phones repeat an advertisement many times a second; the same
@@ -28,7 +28,7 @@ from bleak import BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 
-from gateway.credentials import (
+from device_drivers.tokens import (
     BLE_COMPANY_ID,
     BLE_TOKEN_BYTES,
     MAX_SKEW_STEPS,

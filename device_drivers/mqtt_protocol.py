@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-DEVICE_ID_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-CREDENTIAL_TYPES = ("qr", "ble", "card")
+from device_drivers.vocabulary import CREDENTIAL_TYPES, DEVICE_ID_RE, Credential
+
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_ID_LEN = 128
 MAX_CREDENTIAL_LEN = 512
@@ -29,12 +29,6 @@ INBOUND_CHANNELS = (
     "event",
     "command",  # only subscribed for Modbus units, for which the gateway answers
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    type: str
-    value: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,17 +11,16 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-DEVICE_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+from device_drivers.vocabulary import DEVICE_ID_PATTERN, MODBUS_KINDS, DeviceKind
+
 ENV_PREFIX = "SCGW__"
 SECRET_KEYS = {("mqtt", "password"), ("api", "jwt_secret")}
 
-DeviceKind = Literal["gate", "elevator", "canteen", "hvac", "fresh_air", "air_purifier", "meter"]
-MODBUS_KINDS = {"hvac", "fresh_air", "air_purifier", "meter"}
 
 
 class _Strict(BaseModel):

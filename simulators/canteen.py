@@ -31,9 +31,9 @@ from typing import Any
 
 import aiomqtt
 
-from device_drivers.mqtt_protocol import Credential
-from gateway.credentials import parse_ble_hex, parse_qr
-from gateway.ledger.rules import DEFAULT_LIMITS, OfflineExposure, OfflineLimits
+from device_drivers.offline_sales import DEFAULT_LIMITS, OfflineExposure, OfflineLimits
+from device_drivers.tokens import parse_ble_hex, parse_qr
+from device_drivers.vocabulary import Credential
 from simulators.device_link import device_connection
 
 log = logging.getLogger(__name__)

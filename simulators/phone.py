@@ -1,6 +1,6 @@
 """A resident's phone: holds an enrolled credential and shows QR codes or advertises BLE tokens.
 
-It computes tokens offline exactly as a phone app would (gateway/credentials.py) and emits
+It computes tokens offline exactly as a phone app would (device_drivers/tokens.py) and emits
 them in bleak's own `BLEDevice` / `AdvertisementData` objects, so the BLE driver is exercised
 on the same objects a real radio produces. `SimulatedAir` stands in for the radio between
 phones and readers: a `BaseBleakScanner` backend that readers started with
@@ -18,7 +18,7 @@ from typing import Any
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, AdvertisementDataCallback, BaseBleakScanner
 
-from gateway.credentials import BLE_COMPANY_ID, mint_ble, mint_qr, time_step
+from device_drivers.tokens import BLE_COMPANY_ID, mint_ble, mint_qr, time_step
 
 _AD_FLAGS = 0x01
 _AD_MANUFACTURER = 0xFF

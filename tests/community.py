@@ -12,12 +12,12 @@ from typing import Any
 
 from bleak.backends.scanner import BaseBleakScanner
 
-from gateway.broker import Mosquitto
+from gateway.app.runtime import Gateway
 from gateway.config import SiteConfig
-from gateway.demo import BUILDINGS, READERS
-from gateway.demo_seed import DemoPeople, seed_demo
-from gateway.runtime import Gateway
 from gateway.store import db
+from simulators.demo.broker import Mosquitto
+from simulators.demo.community import BUILDINGS, READERS
+from simulators.demo.seed import DemoPeople, seed_demo
 
 
 @dataclass

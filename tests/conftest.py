@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import Mosquitto, mosquitto_binary
+from simulators.demo.broker import Mosquitto, mosquitto_binary
 from tests.servers import Postgres, postgres_server, require
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import free_port, wait_for_port
+from simulators.demo.broker import free_port, wait_for_port
 
 
 def require(binary_found: bool, what: str) -> None:

@@ -23,11 +23,12 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import Engine, text
 
+from device_drivers.vocabulary import Credential, Reason
 from gateway import credentials as c
-from gateway.access import Credential, Reader, Reason, decide
-from gateway.access_service import AccessService
+from gateway.access.decision import Reader, decide
+from gateway.access.index import DirectoryIndex, build_index
+from gateway.access.service import AccessService
 from gateway.config import parse_config
-from gateway.directory_index import DirectoryIndex, build_index
 from gateway.store import db
 from gateway.store import directory as d
 from tests.test_directory_store import seed_site

@@ -14,9 +14,10 @@ import pytest
 from api.app import create_app
 from api.context import ApiContext, JwtSettings
 from api.routers import admin
+from device_drivers.vocabulary import Reason
 from gateway import credentials as c
-from gateway.access import Reader, Reason
-from gateway.access_service import AccessService
+from gateway.access.decision import Reader
+from gateway.access.service import AccessService
 from gateway.config import SiteConfig
 from gateway.metrics import Registry
 from gateway.store import directory as d

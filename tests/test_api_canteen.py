@@ -15,9 +15,9 @@ import pytest
 from api.app import create_app
 from api.context import ApiContext, JwtSettings
 from api.routers import canteen
+from device_drivers.vocabulary import Reason
+from gateway.canteen.ledger import BatchPayment, Ledger
 from gateway.config import SiteConfig
-from gateway.ledger.rules import Reason
-from gateway.ledger.service import BatchPayment, Ledger
 from gateway.metrics import Registry
 from gateway.store import directory as d
 from gateway.store.db import make_engine, upgrade

@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import jwt
 
-from gateway.broker import Mosquitto
+from simulators.demo.broker import Mosquitto
 from tests.community import Running, running_gateway
 
 

@@ -14,8 +14,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, MetaData, delete, func, insert, select, text, update
 from typer.testing import CliRunner
 
-from gateway.access import AccessDecision, Credential, Reader, Reason, decide
-from gateway.audit import (
+from device_drivers.tokens import mint_qr
+from device_drivers.vocabulary import Credential, Reason
+from gateway.access.audit import (
     GENESIS_HASH,
     AuditEntry,
     AuditError,
@@ -26,9 +27,9 @@ from gateway.audit import (
     chain_hash,
     verify,
 )
-from gateway.audit_cli import app as audit_app
-from gateway.credentials import mint_qr
-from gateway.directory_index import build_index
+from gateway.access.decision import AccessDecision, Reader, decide
+from gateway.access.index import build_index
+from gateway.app.cli_audit import app as audit_app
 from gateway.store import directory as d
 from gateway.store.db import make_engine, upgrade
 

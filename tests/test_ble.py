@@ -21,7 +21,7 @@ from device_drivers.ble import (
     TokenDeduper,
     extract_token,
 )
-from gateway.credentials import (
+from device_drivers.tokens import (
     BLE_COMPANY_ID,
     BLE_TOKEN_BYTES,
     TokenKind,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from gateway.cli import app
+from gateway.app.cli import app
 from gateway.config import ConfigError, load_config, parse_config
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "site.yaml"

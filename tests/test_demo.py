@@ -11,7 +11,7 @@ from pathlib import Path
 import aiomqtt
 import httpx
 
-from gateway.broker import mosquitto_binary
+from simulators.demo.broker import mosquitto_binary
 from tests.servers import require
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiomqtt
 import httpx
 
-from gateway.broker import Mosquitto
+from simulators.demo.broker import Mosquitto
 from simulators.phone import SimulatedAir, SimulatedPhone
 from simulators.readers import ReaderSimulator
 from tests.community import Running, running_gateway

@@ -10,9 +10,9 @@ import aiomqtt
 import httpx
 from sqlalchemy import select
 
-from gateway.audit import audit_log
-from gateway.broker import Mosquitto
+from gateway.access.audit import audit_log
 from gateway.store import db
+from simulators.demo.broker import Mosquitto
 from simulators.phone import SimulatedPhone
 from simulators.readers import ReaderSimulator
 from tests.community import running_gateway

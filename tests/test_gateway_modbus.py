@@ -9,7 +9,7 @@ from pathlib import Path
 import aiomqtt
 import httpx
 
-from gateway.broker import Mosquitto, free_port
+from simulators.demo.broker import Mosquitto, free_port
 from simulators.modbus_units import SimulatedUnits, UnitSpec
 from tests.community import Running, running_gateway
 

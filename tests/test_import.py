@@ -10,9 +10,9 @@ import typer
 from sqlalchemy import Engine
 from typer.testing import CliRunner
 
+from gateway.access.importer import ImportReport, import_residents, parse_csv
+from gateway.app.cli_import import app as import_app
 from gateway.config import load_config
-from gateway.import_cli import app as import_app
-from gateway.importer import ImportReport, import_residents, parse_csv
 from gateway.store import directory as d
 from gateway.store.db import make_engine, upgrade
 

@@ -1,6 +1,6 @@
 """kill -9 of the process applying payments, at random moments, hundreds of times.
 
-A fork server (gateway.ledger.stress_worker) spawns a payment worker; the client sends a
+A fork server (tests.ledger_stress_worker) spawns a payment worker; the client sends a
 burst, lets a random number of answers through, SIGKILLs the worker somewhere inside the
 next payment (deciding, writing or committing), restarts it and re-sends everything that
 was not answered plus a few that were. At the end every payment has an answer, every
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.ledger.stress_worker import run_kill_trials, verify_kill_run
 from gateway.store.db import make_engine, upgrade
+from tests.ledger_stress_worker import run_kill_trials, verify_kill_run
 
 TRIALS = int(os.environ.get("SCGW_KILL_TRIALS", "200"))
 

@@ -19,19 +19,20 @@ from sqlalchemy import Engine, select
 
 from device_drivers.mqtt import NO_DELAY
 from device_drivers.mqtt_protocol import Credential, Malformed
+from device_drivers.offline_sales import OfflineLimits
+from device_drivers.vocabulary import Reason
 from gateway import credentials as cred
-from gateway.broker import Mosquitto
-from gateway.ledger.mqtt_handler import (
+from gateway.canteen.ledger import Ledger
+from gateway.canteen.payments import (
     PaymentHandler,
     PaymentMessage,
     parse_payment_batch,
     parse_payment_request,
 )
-from gateway.ledger.rules import OfflineLimits, Reason
-from gateway.ledger.service import Ledger
-from gateway.ledger.tables import canteen_journal
+from gateway.canteen.tables import canteen_journal
 from gateway.store.db import make_engine, upgrade
 from simulators.canteen import CanteenTerminal, card_credential, lunch_hour
+from simulators.demo.broker import Mosquitto
 from simulators.phone import SimulatedPhone
 from tests.community import running_gateway
 

@@ -16,10 +16,11 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 from typer.testing import CliRunner
 
-from gateway.ledger import reports
-from gateway.ledger.cli import app as canteen_cli
-from gateway.ledger.rules import OfflineLimits, Reason
-from gateway.ledger.service import (
+from device_drivers.offline_sales import OfflineLimits
+from device_drivers.vocabulary import Reason
+from gateway.app.cli_canteen import app as canteen_cli
+from gateway.canteen import reports
+from gateway.canteen.ledger import (
     BatchPayment,
     IdempotencyConflict,
     InvalidRequest,
@@ -27,7 +28,7 @@ from gateway.ledger.service import (
     RefundRefused,
     UnknownPayment,
 )
-from gateway.ledger.tables import canteen_entries, canteen_journal
+from gateway.canteen.tables import canteen_entries, canteen_journal
 from gateway.store.db import make_engine, upgrade
 from gateway.store.metadata import metadata
 

@@ -24,14 +24,14 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import func, select
 
-from gateway.ledger.rules import Reason
-from gateway.ledger.service import (
+from device_drivers.vocabulary import Reason
+from gateway.canteen.ledger import (
     BatchPayment,
     IdempotencyConflict,
     Ledger,
     RefundRefused,
 )
-from gateway.ledger.tables import canteen_accounts, canteen_journal
+from gateway.canteen.tables import canteen_accounts, canteen_journal
 from gateway.store.db import make_engine, upgrade
 
 _examples = itertools.count()

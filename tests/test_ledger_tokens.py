@@ -15,9 +15,12 @@ from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from device_drivers.mqtt_protocol import Credential, Malformed
+from device_drivers.offline_sales import OfflineLimits
+from device_drivers.vocabulary import Reason
 from gateway import credentials as cred
-from gateway.ledger import mqtt_handler
-from gateway.ledger.mqtt_handler import (
+from gateway.canteen import payments
+from gateway.canteen.ledger import BatchPayment, Ledger
+from gateway.canteen.payments import (
     MAX_BATCH_AGE_S,
     PaymentHandler,
     PaymentMessage,
@@ -25,9 +28,8 @@ from gateway.ledger.mqtt_handler import (
     parse_payment_request,
     token_key,
 )
-from gateway.ledger.rules import OfflineLimits, PaymentResult, Reason, validate_id
-from gateway.ledger.service import BatchPayment, Ledger
-from gateway.ledger.tables import canteen_payments, canteen_shortfalls
+from gateway.canteen.policy import PaymentResult, validate_id
+from gateway.canteen.tables import canteen_payments, canteen_shortfalls
 from gateway.store.db import make_engine, upgrade
 from simulators.canteen import CanteenTerminal
 from tests.test_ledger_mqtt import Directory, request
@@ -314,7 +316,7 @@ def test_a_retry_with_another_credential_is_resolved_afresh(
 
 def test_remembered_resolutions_are_bounded_in_age_and_number() -> None:
     card = Credential("card", "c")
-    resolutions = mqtt_handler._Resolutions(ttl_s=600.0, limit=3)
+    resolutions = payments._Resolutions(ttl_s=600.0, limit=3)
     resolutions.put(("pos-1", "t-0"), card, "r-0", NOW)
     assert resolutions.get(("pos-1", "t-0"), card, NOW + 599) == "r-0"
     assert resolutions.get(("pos-1", "t-0"), Credential("card", "d"), NOW + 599) is None
@@ -326,7 +328,7 @@ def test_remembered_resolutions_are_bounded_in_age_and_number() -> None:
     assert resolutions.get(("pos-1", "t-4"), card, NOW + 5) is Reason.REVOKED
     resolutions.forget([("pos-1", "t-4")])
     assert len(resolutions) == 2
-    assert mqtt_handler.RESOLUTION_TTL_S == 600 and mqtt_handler.MAX_RESOLUTIONS == 10_000
+    assert payments.RESOLUTION_TTL_S == 600 and payments.MAX_RESOLUTIONS == 10_000
 
 
 def test_the_terminal_simulator_makes_ids_the_gateway_can_store() -> None:

@@ -15,7 +15,7 @@ from device_drivers.modbus.profile import (
     parse_profile,
     plan_reads,
 )
-from gateway.events import DEVICE_KINDS
+from device_drivers.vocabulary import DEVICE_KINDS
 
 STANDARD_METRICS = {
     "power_w", "energy_wh", "voltage_v", "current_a", "temperature_c", "setpoint_c",

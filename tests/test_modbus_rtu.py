@@ -16,7 +16,7 @@ from device_drivers.modbus import ModbusDeviceSpec, ModbusFleet, ModbusTimeout
 from device_drivers.modbus.client import Endpoint, ModbusLink
 from device_drivers.modbus.codec import words_to_raw
 from device_drivers.modbus.errors import IllegalAddress
-from gateway.events import Reading
+from device_drivers.vocabulary import Reading
 from simulators.modbus_units import Fault, SimulatedUnits, UnitSpec
 
 TWO_BLOCKS = ("profile: two\nregisters:\n"

@@ -23,8 +23,8 @@ from device_drivers.modbus.client import Endpoint, ModbusLink
 from device_drivers.modbus.codec import words_to_raw
 from device_drivers.modbus.errors import DeviceBusy, DeviceFailure, IllegalAddress, IllegalValue
 from device_drivers.modbus.profile import load_profile
-from gateway.broker import free_port
-from gateway.events import Reading
+from device_drivers.vocabulary import Reading
+from simulators.demo.broker import free_port
 from simulators.modbus_units import Fault, SimulatedUnits, UnitSpec
 
 LOCAL = "127.0.0.1"

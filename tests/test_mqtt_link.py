@@ -10,7 +10,7 @@ import sys
 import aiomqtt
 
 from device_drivers.mqtt import MqttLink, backoff_delays
-from gateway.broker import Mosquitto
+from simulators.demo.broker import Mosquitto
 
 
 async def _retained(broker: Mosquitto, topic: str) -> dict[str, object]:

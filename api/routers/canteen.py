@@ -20,9 +20,8 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from api.auth import Ctx, Resident, require_roles
-from gateway.ledger import rules
-from gateway.ledger.reports import ShortfallRow
-from gateway.ledger.service import (
+from gateway.canteen import policy
+from gateway.canteen.ledger import (
     IdempotencyConflict,
     InvalidRequest,
     Ledger,
@@ -31,6 +30,7 @@ from gateway.ledger.service import (
     RefundRefused,
     UnknownPayment,
 )
+from gateway.canteen.reports import ShortfallRow
 from gateway.store.directory import get_resident
 from gateway.store.directory_schema import NotFound
 from gateway.store.users import Role, User
@@ -38,8 +38,8 @@ from gateway.store.users import Role, User
 router = APIRouter(prefix="/api/v1", tags=["canteen"])
 UNPROCESSABLE = 422  # Starlette renamed the constant; the number is what clients see
 Staff = Annotated[User, Depends(require_roles(Role.STAFF))]
-ID_PATTERN = rules.ACCOUNT_ID_PATTERN.pattern
-KEY_PATTERN = rules.IDEMPOTENCY_KEY_PATTERN.pattern
+ID_PATTERN = policy.ACCOUNT_ID_PATTERN.pattern
+KEY_PATTERN = policy.IDEMPOTENCY_KEY_PATTERN.pattern
 
 
 class TransactionOut(BaseModel):
@@ -59,12 +59,12 @@ class CanteenOut(BaseModel):
 
 
 class TopupIn(BaseModel):
-    amount_cents: int = Field(gt=0, le=rules.MAX_TOPUP_CENTS, strict=True)
+    amount_cents: int = Field(gt=0, le=policy.MAX_TOPUP_CENTS, strict=True)
     idempotency_key: str = Field(pattern=KEY_PATTERN)
 
 
 class RefundIn(BaseModel):
-    amount_cents: int = Field(gt=0, le=rules.MAX_AMOUNT_CENTS, strict=True)
+    amount_cents: int = Field(gt=0, le=policy.MAX_AMOUNT_CENTS, strict=True)
     idempotency_key: str = Field(pattern=KEY_PATTERN)
     terminal_id: str = Field(pattern=ID_PATTERN, description="the payment being refunded")
     txn_id: str = Field(min_length=1, max_length=64)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, status
 from pydantic import BaseModel, Field
 
 from api.auth import Ctx, require_roles
-from gateway.modbus_bridge import apply_set
+from gateway.devices.modbus import apply_set
 from gateway.store.users import Role, User
 
 router = APIRouter(prefix="/api/v1/devices", tags=["control"])

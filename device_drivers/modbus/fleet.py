@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,12 +28,11 @@ from device_drivers.modbus.health import (
     record_success,
 )
 from device_drivers.modbus.profile import Profile, ReadBlock, load_profile, plan_reads, plan_write
-from gateway.events import DEVICE_KINDS, Reading
+from device_drivers.vocabulary import DEVICE_ID_RE, DEVICE_KINDS, Reading
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_DEVICE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _GOLDEN = 0.6180339887498949  # spreads start phases evenly for any number of units
 
 
@@ -61,8 +59,8 @@ class ModbusDeviceSpec:
     offline_after: int = 3
 
     def __post_init__(self) -> None:
-        if not _DEVICE_ID.match(self.device_id):
-            raise ValueError(f"device_id {self.device_id!r} must match {_DEVICE_ID.pattern}")
+        if not DEVICE_ID_RE.match(self.device_id):
+            raise ValueError(f"device_id {self.device_id!r} must match {DEVICE_ID_RE.pattern}")
         if self.kind not in DEVICE_KINDS:
             raise ValueError(f"{self.device_id}: unknown kind {self.kind!r}")
         if not 0 <= self.unit_id <= 247:

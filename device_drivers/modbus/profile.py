@@ -32,7 +32,7 @@ from device_drivers.modbus.codec import (
     write_problems,
 )
 from device_drivers.modbus.errors import ProfileError, WriteRefused
-from gateway.events import DEVICE_KINDS
+from device_drivers.vocabulary import DEVICE_KINDS
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
 
-from gateway.credentials import new_credential_id, new_secret
+from device_drivers.tokens import new_credential_id, new_secret
 from gateway.store.directory_grants import (
     MAX_PASS_USES,
     MAX_VISIT_S,

@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, delete, insert, select, update
 
-from gateway.credentials import new_credential_id, new_secret
+from device_drivers.tokens import new_credential_id, new_secret
 from gateway.store.directory_schema import (
     AccessGroup,
     Conflict,

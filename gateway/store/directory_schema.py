@@ -31,7 +31,7 @@ from sqlalchemy import (
     text,
 )
 
-from gateway.credentials import SECRET_BYTES
+from device_drivers.tokens import SECRET_BYTES
 from gateway.store.metadata import metadata
 
 ResidentRole = Literal["owner", "tenant", "family"]

@@ -1,4 +1,4 @@
-"""Audit: the hash-chained access decision log (gateway/audit.py).
+"""Audit: the hash-chained access decision log (gateway/access/audit.py).
 
 Revision ID: 0004_audit
 Revises: 0001_core

@@ -15,8 +15,9 @@ from sqlalchemy import Connection, RowMapping, bindparam, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from gateway.ledger.rules import PaymentResult, Reason, Status
-from gateway.ledger.tables import (
+from device_drivers.vocabulary import Reason
+from gateway.canteen.policy import PaymentResult, Status
+from gateway.canteen.tables import (
     PURSE,
     canteen_accounts,
     canteen_entries,

@@ -1,31 +1,14 @@
-"""Typed events that cross from drivers into the runtime, and the internal telemetry bus.
-
-Drivers produce these from bytes; the core decides on them; nothing here does I/O except
-the bus, which is a bounded in-process fan-out.
-"""
+"""The in-process fan-out of readings to their consumers (latest values, stores, rules)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from device_drivers.vocabulary import Reading
+
 log = logging.getLogger(__name__)
-
-DEVICE_KINDS = ("gate", "elevator", "canteen", "hvac", "fresh_air", "air_purifier", "meter")
-
-
-@dataclass(frozen=True, slots=True)
-class Reading:
-    """One timestamped set of metric values from one device (CONTRACT.md telemetry)."""
-
-    device_id: str
-    kind: str
-    ts: float
-    metrics: Mapping[str, float]
-    seq: int | None = None
-
 
 @dataclass
 class TelemetryBus:

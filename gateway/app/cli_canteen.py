@@ -16,9 +16,9 @@ import typer
 from sqlalchemy import Connection, Engine, inspect
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.canteen import reports
+from gateway.canteen.tables import canteen_journal
 from gateway.config import DatabaseConfig
-from gateway.ledger import reports
-from gateway.ledger.tables import canteen_journal
 from gateway.store.db import is_sqlite, make_engine
 
 DEFAULT_DATABASE_URL = DatabaseConfig().url

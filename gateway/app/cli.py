@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
 
@@ -69,7 +70,7 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the gateway until SIGTERM or Ctrl-C."""
-    from gateway.runtime import Gateway, run_until_signal
+    from gateway.app.runtime import Gateway, run_until_signal
 
     _setup_logging(verbose)
     try:
@@ -78,24 +79,6 @@ def run(
         err.print(f"[red]cannot start: {exc}[/red]", highlight=False)
         raise typer.Exit(2) from None
     asyncio.run(run_until_signal(gateway))
-
-
-@app.command()
-def demo(
-    data_dir: Annotated[Path, typer.Option(help="Where demo.json and the database go.")] = Path(
-        ".demo"
-    ),
-    port: Annotated[int, typer.Option(help="API port (0 picks a free one).")] = 8000,
-    duration: Annotated[
-        float | None, typer.Option(help="Stop after this many seconds (default: run until Ctrl-C).")
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
-) -> None:
-    """A whole virtual community on this machine: broker, simulators, gateway, API."""
-    from gateway.demo import run_demo
-
-    _setup_logging(verbose)
-    asyncio.run(run_demo(data_dir, port, duration, announce=typer.echo))
 
 
 @db_app.command("upgrade")
@@ -117,14 +100,26 @@ def db_upgrade(
 
 
 def _mount_subcommands() -> None:
-    """Sub-apps owned by their features (canteen, audit, import)."""
-    from gateway.audit_cli import app as audit_app
-    from gateway.import_cli import app as import_app
-    from gateway.ledger.cli import app as canteen_app
+    """Sub-apps owned by their features (canteen, audit, import), then plugins.
+
+    Commands that sit above the gateway (`scgw demo`, `scgw simulate` from the simulators)
+    register through the `scgw.cli` entry-point group, so the gateway never imports them
+    and a production install without the simulators simply lacks those commands.
+    """
+    from gateway.app.cli_audit import app as audit_app
+    from gateway.app.cli_canteen import app as canteen_app
+    from gateway.app.cli_import import app as import_app
 
     app.add_typer(canteen_app, name="canteen")
     app.add_typer(audit_app, name="audit")
     app.add_typer(import_app, name="import")
+    for plugin in entry_points(group="scgw.cli"):
+        try:
+            register = plugin.load()
+        except ImportError as exc:  # an optional extra that is not installed
+            logging.getLogger(__name__).debug("CLI plugin %s unavailable: %s", plugin.name, exc)
+            continue
+        register(app)
 
 
 _mount_subcommands()

@@ -14,8 +14,8 @@ import typer
 from sqlalchemy import inspect
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway.access.importer import import_residents, read_csv_file, summary
 from gateway.config import ConfigError, DatabaseConfig, SiteConfig, load_config
-from gateway.importer import import_residents, read_csv_file, summary
 from gateway.store.db import is_sqlite, make_engine
 from gateway.store.directory import units
 

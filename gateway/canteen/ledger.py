@@ -25,8 +25,15 @@ from typing import TypeVar
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import IntegrityError
 
-from gateway.ledger import postings, reports, rules
-from gateway.ledger.postings import (
+from device_drivers.offline_sales import DEFAULT_LIMITS, OfflineExposure, OfflineLimits, OverLimit
+from device_drivers.vocabulary import Reason
+from gateway.canteen import policy, postings, reports
+from gateway.canteen.policy import (
+    PaymentRequest,
+    PaymentResult,
+    Status,
+)
+from gateway.canteen.postings import (
     IdempotencyConflict,
     InvalidRequest,
     LedgerError,
@@ -35,17 +42,7 @@ from gateway.ledger.postings import (
     StoredPayment,
     UnknownPayment,
 )
-from gateway.ledger.rules import (
-    DEFAULT_LIMITS,
-    OfflineExposure,
-    OfflineLimits,
-    OverLimit,
-    PaymentRequest,
-    PaymentResult,
-    Reason,
-    Status,
-)
-from gateway.ledger.tables import (
+from gateway.canteen.tables import (
     CASH_ACCOUNT,
     PURSE,
     REVENUE_ACCOUNT,
@@ -80,7 +77,7 @@ class BatchPayment:
 
     txn_id: str
     amount_cents: int
-    resolution: rules.Resolution
+    resolution: policy.Resolution
     ts: float
     token_key: str | None = None  # when the credential was a QR/BLE token
 
@@ -160,7 +157,7 @@ class Ledger:
         terminal_id: str,
         txn_id: str,
         amount_cents: int,
-        resolution: rules.Resolution,
+        resolution: policy.Resolution,
         ts: float,
         offline: bool = False,
         token_key: str | None = None,
@@ -184,9 +181,9 @@ class Ledger:
         results: list[PaymentResult | None] = [None] * len(requests)
         valid: list[int] = []
         for i, req in enumerate(requests):
-            problem = rules.validate_payment(req.terminal_id, req.txn_id, req.amount_cents, req.ts)
+            problem = policy.validate_payment(req.terminal_id, req.txn_id, req.amount_cents, req.ts)
             if problem is None and req.batch_id is not None:
-                problem = rules.validate_id(req.batch_id, "batch_id")
+                problem = policy.validate_id(req.batch_id, "batch_id")
             if problem is None and req.token_key is not None and len(req.token_key) > 64:
                 problem = "token_key must be at most 64 characters"
             if problem is None:
@@ -223,7 +220,7 @@ class Ledger:
                     "over_limit": None if over_limit is None else over_limit.value,
                     "request_ts": req.ts, "posted_at": now,
                 })
-            return rules.retry_result(existing.result, existing.amount_cents, req.amount_cents)
+            return policy.retry_result(existing.result, existing.amount_cents, req.amount_cents)
         account_id: str | None = None
         balance: int | None = None
         token_key = None if isinstance(req.resolution, Reason) else req.token_key
@@ -233,14 +230,14 @@ class Ledger:
             log.info("payment %s/%s refused: its token paid already", req.terminal_id,
                      req.txn_id)
             token_key = None
-            outcome = rules.refused_credential(Reason.REPLAYED_TOKEN, req.amount_cents,
+            outcome = policy.refused_credential(Reason.REPLAYED_TOKEN, req.amount_cents,
                                                req.offline)
         elif isinstance(req.resolution, Reason):
-            outcome = rules.refused_credential(req.resolution, req.amount_cents, req.offline)
+            outcome = policy.refused_credential(req.resolution, req.amount_cents, req.offline)
         else:
             account_id = req.resolution
             balance = purses.get(account_id, 0)
-            outcome = rules.decide(balance, req.amount_cents, req.offline)
+            outcome = policy.decide(balance, req.amount_cents, req.offline)
         journal_id = None
         if outcome.debit_cents > 0 and account_id is not None:
             journal_id, balance = postings.post(
@@ -248,7 +245,7 @@ class Ledger:
                 terminal_id=req.terminal_id, txn_id=req.txn_id,
             )
             purses[account_id] = balance
-        result = rules.result_of(req.txn_id, outcome, balance)
+        result = policy.result_of(req.txn_id, outcome, balance)
         postings.record_payment(conn, {
             "terminal_id": req.terminal_id, "txn_id": req.txn_id,
             "amount_cents": req.amount_cents, "account_id": account_id, "offline": req.offline,
@@ -304,7 +301,7 @@ class Ledger:
     def topup(self, account_id: str, amount_cents: int, idempotency_key: str) -> Receipt:
         """Credit a purse (opening it if new); the key makes a retried request harmless."""
         self._check_staff_request(account_id, amount_cents, idempotency_key,
-                                  rules.MAX_TOPUP_CENTS)
+                                  policy.MAX_TOPUP_CENTS)
 
         def work(conn: Connection) -> Receipt:
             postings.insert_ignore(conn, canteen_accounts, {
@@ -331,7 +328,7 @@ class Ledger:
     ) -> Receipt:
         """Give (part of) a payment back to the purse it came from, never more than it took."""
         self._check_staff_request(account_id, amount_cents, idempotency_key,
-                                  rules.MAX_AMOUNT_CENTS)
+                                  policy.MAX_AMOUNT_CENTS)
 
         def work(conn: Connection) -> Receipt:
             if account_id not in postings.lock_purses(conn, [account_id]):
@@ -373,7 +370,7 @@ class Ledger:
 
     @staticmethod
     def _check_staff_request(account_id: str, amount_cents: int, key: str, limit: int) -> None:
-        problem = rules.validate_account_id(account_id) or rules.validate_idempotency_key(key)
+        problem = policy.validate_account_id(account_id) or policy.validate_idempotency_key(key)
         if account_id.startswith("@"):
             problem = "system accounts cannot be credited by hand"
         if isinstance(amount_cents, bool) or not isinstance(amount_cents, int):

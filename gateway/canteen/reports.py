@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 
 from sqlalchemy import Connection, Engine, func, select
 
-from gateway.ledger.tables import (
+from gateway.canteen.tables import (
     REVENUE_ACCOUNT,
     canteen_accounts,
     canteen_entries,

@@ -1,6 +1,6 @@
 """A payment-applying process to SIGKILL: the crash-safety harness for the ledger.
 
-`python -m gateway.ledger.stress_worker --database-url URL --socket PATH` starts a fork
+`python -m tests.ledger_stress_worker --database-url URL --socket PATH` starts a fork
 server: it imports everything once, then for every `spawn` line on stdin forks a worker and
 answers `pid N`. The worker connects to the Unix socket PATH (where the test listens),
 reads JSON-lines payment requests, applies them through `Ledger.pay_many` in groups of up to
@@ -33,10 +33,10 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from gateway.ledger import reports
-from gateway.ledger.rules import PaymentRequest, as_resolution
-from gateway.ledger.service import Ledger
-from gateway.ledger.tables import canteen_journal, canteen_payments
+from gateway.canteen import reports
+from gateway.canteen.ledger import Ledger
+from gateway.canteen.policy import PaymentRequest, as_resolution
+from gateway.canteen.tables import canteen_journal, canteen_payments
 from gateway.store.db import make_engine
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class _Client:
         self.listener.settimeout(30)
         root = Path(__file__).resolve().parents[2]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.ledger.stress_worker", "--database-url",
+            [sys.executable, "-m", "tests.ledger_stress_worker", "--database-url",
              database_url, "--socket", self.path, "--group", str(group)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root,
         )

@@ -23,19 +23,17 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Connection, Engine, create_engine, event
 
-from gateway import credentials
-from gateway.access import (
-    CREDENTIAL_TYPES,
+from device_drivers import tokens
+from device_drivers.vocabulary import CREDENTIAL_TYPES, Credential, Reason
+from gateway.access.decision import (
     AccessDecision,
-    Credential,
     Reader,
-    Reason,
     decide,
     decide_for_resident,
     replayed,
     without_token,
 )
-from gateway.directory_index import DirectoryIndex, build_index, empty_index
+from gateway.access.index import DirectoryIndex, build_index, empty_index
 from gateway.store.directory import (
     ALL_PARTS,
     Building,
@@ -108,7 +106,7 @@ class AccessService:
         self._poll_s = poll_interval_s
         self._buildings = list(buildings)
         self._index = empty_index(self._tz)
-        self._guard = credentials.ReplayGuard()
+        self._guard = tokens.ReplayGuard()
         self._rebuild = asyncio.Lock()
         self._pass_uses: dict[str, int] = {}
         self._unsaved_uses: set[str] = set()
@@ -159,7 +157,7 @@ class AccessService:
 
     # --- the hot path ---------------------------------------------------------------------
 
-    def decide(self, device_id: str, credential_type: object, value: object,
+    def decide(self, device_id: str, credential_type: str, value: str,
                now: float | None = None) -> AccessDecision:
         now = time.time() if now is None else now
         reader = self._readers.get(device_id)
@@ -222,8 +220,8 @@ class AccessService:
         entry = self._index.credential(credential_id)
         assert entry is not None
         secret = entry.secret
-        return IssuedToken(credentials.mint_qr(credential_id, secret, now),
-                           credentials.qr_expires_at(now), credential_id)
+        return IssuedToken(tokens.mint_qr(credential_id, secret, now),
+                           tokens.qr_expires_at(now), credential_id)
 
     # --- keeping the index current --------------------------------------------------------
 

@@ -29,16 +29,16 @@ from api.routers import all_extra_routers
 from device_drivers.ble import BleScanner, BleScannerConfig
 from device_drivers.mqtt import MqttLink
 from device_drivers.mqtt_protocol import device_topic, subscriptions
-from gateway.access_service import AccessService
-from gateway.audit import AuditLog
-from gateway.canteen import CanteenService
+from gateway.access.audit import AuditLog
+from gateway.access.service import AccessService
+from gateway.canteen.terminals import CanteenService
 from gateway.config import ConfigError, SiteConfig
-from gateway.device_router import DeviceRouter
-from gateway.events import TelemetryBus
-from gateway.latest import LatestReadings
+from gateway.devices.modbus import ModbusCommands, modbus_fleet
+from gateway.devices.router import DeviceRouter
 from gateway.metrics import Registry
-from gateway.modbus_bridge import ModbusCommands, modbus_fleet
 from gateway.store import db
+from gateway.telemetry.bus import TelemetryBus
+from gateway.telemetry.latest import LatestReadings
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import typer
 from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.audit import audit_log, verify
+from gateway.access.audit import audit_log, verify
 from gateway.config import DatabaseConfig
 from gateway.store.db import is_sqlite, make_engine
 

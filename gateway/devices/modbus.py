@@ -19,7 +19,7 @@ from device_drivers import mqtt_protocol as proto
 from device_drivers.modbus.errors import ModbusError, UnknownDevice, WriteRefused
 from device_drivers.modbus.fleet import ModbusDeviceSpec, ModbusFleet
 from gateway.config import DeviceConfig, SiteConfig
-from gateway.events import TelemetryBus
+from gateway.telemetry.bus import TelemetryBus
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,6 @@ from typing import Any
 
 from device_drivers.mqtt_protocol import (
     MAX_ID_LEN,
-    Credential,
     Malformed,
     encode,
     load_object,
@@ -38,10 +37,11 @@ from device_drivers.mqtt_protocol import (
     read_id,
     read_ts,
 )
-from gateway.credentials import parse_ble_hex, parse_qr
-from gateway.ledger import rules
-from gateway.ledger.rules import PaymentResult, Reason
-from gateway.ledger.service import BatchPayment, Ledger
+from device_drivers.tokens import parse_ble_hex, parse_qr
+from device_drivers.vocabulary import Credential, Reason
+from gateway.canteen import policy
+from gateway.canteen.ledger import BatchPayment, Ledger
+from gateway.canteen.policy import PaymentResult
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _read_id(data: dict[str, Any], key: str) -> tuple[str | None, str | None]:
     """
     value = data.get(key)
     usable = read_id(data, key)
-    if usable is not None and rules.validate_id(usable, key) is None:
+    if usable is not None and policy.validate_id(usable, key) is None:
         return usable, usable
     if isinstance(value, str) and 0 < len(value) <= MAX_ID_LEN:
         return None, value
@@ -132,7 +132,7 @@ def _payment_fields(data: dict[str, Any]) -> PaymentMessage | Malformed:
     ts = read_ts(data)
     if isinstance(ts, str):
         return Malformed(ts, txn_id)
-    problem = rules.validate_payment("t", txn_id, amount, 0.0 if ts is None else ts)
+    problem = policy.validate_payment("t", txn_id, amount, 0.0 if ts is None else ts)
     if problem is not None:
         return Malformed(problem, txn_id)
     return PaymentMessage(txn_id, amount, credential, ts)
@@ -221,7 +221,7 @@ class _KeyedLocks:
 @dataclass(frozen=True, slots=True)
 class _Resolved:
     credential: Credential
-    resolution: rules.Resolution
+    resolution: policy.Resolution
     at: float
 
 
@@ -239,7 +239,7 @@ class _Resolutions:
         self._lock = threading.Lock()
 
     def get(self, key: tuple[str, str], credential: Credential,
-            now: float) -> rules.Resolution | None:
+            now: float) -> policy.Resolution | None:
         with self._lock:
             self._prune(now)
             entry = self._entries.get(key)
@@ -247,7 +247,7 @@ class _Resolutions:
                 return None
             return entry.resolution
 
-    def put(self, key: tuple[str, str], credential: Credential, resolution: rules.Resolution,
+    def put(self, key: tuple[str, str], credential: Credential, resolution: policy.Resolution,
             now: float) -> None:
         with self._lock:
             self._entries.pop(key, None)
@@ -325,7 +325,7 @@ class PaymentHandler:
             stored = self.ledger.lookup(terminal_id, message.txn_id)
             if stored is not None:
                 self._count("retry")
-                return rules.retry_result(stored.result, stored.amount_cents,
+                return policy.retry_result(stored.result, stored.amount_cents,
                                           message.amount_cents)
             now = self._clock()
             ts = now if message.ts is None else message.ts
@@ -339,14 +339,14 @@ class PaymentHandler:
         return result
 
     def _resolution(self, key: tuple[str, str], credential: Credential, at: float,
-                    now: float) -> rules.Resolution:
+                    now: float) -> policy.Resolution:
         """Resolve the credential as of `at`, or reuse what a failed first attempt got."""
         remembered = self._resolutions.get(key, credential, now)
         if remembered is not None:
             log.info("payment %s/%s retried after a failed write; reusing its resolution",
                      *key)
             return remembered
-        resolution = rules.as_resolution(self._resolve(credential.type, credential.value, at))
+        resolution = policy.as_resolution(self._resolve(credential.type, credential.value, at))
         self._resolutions.put(key, credential, resolution, now)
         return resolution
 
@@ -388,7 +388,7 @@ class PaymentHandler:
             previous = stored.get(p.txn_id)
             if previous is not None:
                 # Decided already: the ledger answers from the stored row, never from this.
-                resolution: rules.Resolution = previous.account_id or Reason.NOT_PERMITTED
+                resolution: policy.Resolution = previous.account_id or Reason.NOT_PERMITTED
             else:
                 resolution = self._resolution((terminal_id, p.txn_id), p.credential, ts, now)
             to_apply.append(BatchPayment(p.txn_id, p.amount_cents, resolution, ts,

@@ -20,29 +20,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from enum import StrEnum
-from typing import Final
 
-from gateway.credentials import ParsedToken, check, parse_ble_hex, parse_qr
-from gateway.directory_index import DirectoryIndex, PassEntry, ResidentEntry
+from device_drivers.tokens import ParsedToken, check, parse_ble_hex, parse_qr
+from device_drivers.vocabulary import CREDENTIAL_TYPES, READER_KINDS, Credential, Reason
+from gateway.access.index import DirectoryIndex, PassEntry, ResidentEntry
 
-READER_KINDS: Final = ("gate", "elevator", "canteen")
-CREDENTIAL_TYPES: Final = ("qr", "ble", "card")
 _CARD_NUMBER = re.compile(r"^[\x21-\x7e]{1,64}$")
 _MAX_TOKEN_TEXT = 128
-
-
-class Reason(StrEnum):
-    """Denial reasons, exactly as CONTRACT.md section 1 spells them."""
-
-    INVALID_TOKEN = "invalid_token"  # noqa: S105 (a reason, not a password)
-    EXPIRED_TOKEN = "expired_token"  # noqa: S105
-    REPLAYED_TOKEN = "replayed_token"  # noqa: S105
-    REVOKED = "revoked"
-    UNKNOWN_CARD = "unknown_card"
-    NOT_PERMITTED = "not_permitted"
-    OUTSIDE_SCHEDULE = "outside_schedule"
-    MALFORMED_REQUEST = "malformed_request"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +53,6 @@ class Reader:
             raise ValueError(f"elevator reader {self.device_id!r} needs a building_id")
         if not self.gate_ids:
             object.__setattr__(self, "gate_ids", frozenset({self.device_id}))
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """What a reader read, as received: `value` is checked here, not trusted."""
-
-    type: object
-    value: object
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,7 +82,7 @@ _STRING_LIMITS = {c.name: c.type.length for c in audit_log.columns
 
 
 class DecisionLike(Protocol):
-    """What the audit needs from gateway.access.AccessDecision."""
+    """What the audit needs from gateway.access.decision.AccessDecision."""
 
     @property
     def granted(self) -> bool: ...

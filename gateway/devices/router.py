@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from device_drivers import mqtt_protocol as proto
+from device_drivers.vocabulary import Reading
 from gateway.config import DeviceConfig
-from gateway.events import Reading, TelemetryBus
 from gateway.metrics import Registry
+from gateway.telemetry.bus import TelemetryBus
 
 log = logging.getLogger(__name__)
 

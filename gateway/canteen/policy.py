@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from types import MappingProxyType
 from typing import Any
+
+from device_drivers.vocabulary import Reason
 
 # 10,000.00 per payment: far above any meal, low enough to catch a misplaced decimal point.
 MAX_AMOUNT_CENTS = 1_000_000
@@ -23,31 +23,12 @@ ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 
 
-class Reason(StrEnum):
-    """CONTRACT.md payment refusal reasons."""
-
-    INSUFFICIENT_FUNDS = "insufficient_funds"
-    INVALID_TOKEN = "invalid_token"  # noqa: S105 - a reason code, not a secret
-    EXPIRED_TOKEN = "expired_token"  # noqa: S105 - a reason code, not a secret
-    REPLAYED_TOKEN = "replayed_token"  # noqa: S105 - a reason code, not a secret
-    REVOKED = "revoked"
-    UNKNOWN_CARD = "unknown_card"
-    NOT_PERMITTED = "not_permitted"
-    MALFORMED_REQUEST = "malformed_request"
-    AMOUNT_MISMATCH = "amount_mismatch"
-
-
 class Status(StrEnum):
     APPROVED = "approved"
     REFUSED = "refused"
     # An offline sale the purse could not (fully) cover: what it could cover is debited, the
     # rest goes to the reconciliation report.
     SHORTFALL = "shortfall"
-
-
-class OverLimit(StrEnum):
-    CARD = "card"
-    TERMINAL = "terminal"
 
 
 Resolution = str | Reason
@@ -184,42 +165,3 @@ def as_resolution(value: str | Reason) -> Resolution:
         return value
 
 
-@dataclass(frozen=True, slots=True)
-class OfflineLimits:
-    """How much a terminal may sell without the gateway: the risk accepted during an outage."""
-
-    per_card_cents: int
-    per_terminal_cents: int
-
-    @classmethod
-    def from_config(cls, canteen: Any) -> OfflineLimits:
-        """From `gateway.config.CanteenConfig` (duck-typed to keep this module import-light)."""
-        return cls(
-            per_card_cents=int(canteen.offline_limit_per_card_cents),
-            per_terminal_cents=int(canteen.offline_limit_per_terminal_cents),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class OfflineExposure:
-    """Offline sales so far in one outage, per card and for the terminal."""
-
-    per_card: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
-    terminal_cents: int = 0
-
-    def check(self, limits: OfflineLimits, card_key: str, amount_cents: int) -> OverLimit | None:
-        """Which limit a further offline sale would exceed, if any."""
-        if self.per_card.get(card_key, 0) + amount_cents > limits.per_card_cents:
-            return OverLimit.CARD
-        if self.terminal_cents + amount_cents > limits.per_terminal_cents:
-            return OverLimit.TERMINAL
-        return None
-
-    def add(self, card_key: str, amount_cents: int) -> OfflineExposure:
-        per_card = dict(self.per_card)
-        per_card[card_key] = per_card.get(card_key, 0) + amount_cents
-        return OfflineExposure(MappingProxyType(per_card), self.terminal_cents + amount_cents)
-
-
-# The defaults of gateway.config.CanteenConfig.
-DEFAULT_LIMITS = OfflineLimits(per_card_cents=5000, per_terminal_cents=200_000)

@@ -22,14 +22,14 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from device_drivers.mqtt_protocol import Credential
-from gateway.broker import EmbeddedBroker, Mosquitto, free_port, mosquitto_binary
+from device_drivers.vocabulary import Credential
+from gateway.app.runtime import Gateway, install_signal_handlers
+from gateway.canteen.ledger import Ledger
 from gateway.config import SiteConfig
-from gateway.demo_seed import DemoPeople, DemoResident, seed_demo
-from gateway.ledger.service import Ledger
-from gateway.runtime import Gateway, install_signal_handlers
 from gateway.store import db
 from simulators.canteen import CanteenTerminal, card_credential
+from simulators.demo.broker import EmbeddedBroker, Mosquitto, free_port, mosquitto_binary
+from simulators.demo.seed import DemoPeople, DemoResident, seed_demo
 from simulators.modbus_units import SimulatedUnits, UnitSpec
 from simulators.phone import SimulatedPhone
 from simulators.readers import ReaderSimulator

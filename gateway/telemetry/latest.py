@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 from types import TracebackType
 
-from gateway.events import Reading, TelemetryBus
+from device_drivers.vocabulary import Reading
+from gateway.telemetry.bus import TelemetryBus
 
 
 class LatestReadings:

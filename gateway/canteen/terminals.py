@@ -23,11 +23,12 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 
 from device_drivers.mqtt_protocol import device_topic
-from gateway.access_service import AccessService
+from device_drivers.offline_sales import OfflineLimits
+from device_drivers.vocabulary import Reason
+from gateway.access.service import AccessService
+from gateway.canteen.ledger import Ledger
+from gateway.canteen.payments import PaymentHandler
 from gateway.config import DeviceConfig, SiteConfig
-from gateway.ledger.mqtt_handler import PaymentHandler
-from gateway.ledger.rules import OfflineLimits, Reason
-from gateway.ledger.service import Ledger
 
 log = logging.getLogger(__name__)
 
