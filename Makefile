@@ -10,7 +10,7 @@ LINTED := gateway device_drivers rules api simulators
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,demo]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -24,6 +24,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict $(LINTED)
+	$(BIN)/lint-imports
 
 test: servers $(STAMP) lint
 	$(BIN)/pytest -q -p no:cacheprovider

@@ -19,6 +19,7 @@ from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from pydantic import BaseModel
 
 from api.context import ApiContext, JwtSettings
+from api.errors import errors
 from gateway.store.users import Role, User, authenticate, get_user
 
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
@@ -72,7 +73,7 @@ def decode_token(settings: JwtSettings, token: str) -> dict[str, Any] | None:
     return claims
 
 
-@router.post("/token", response_model=TokenResponse)
+@router.post("/token", response_model=TokenResponse, responses=errors(401, 422))
 async def login(
     request: Request, ctx: Ctx, form: Annotated[OAuth2PasswordRequestForm, Depends()]
 ) -> TokenResponse:

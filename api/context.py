@@ -1,16 +1,18 @@
 """What the API needs from the running gateway, passed in explicitly (no globals).
 
 Tests build an ApiContext around real components; the runtime builds one around its own.
+The services are typed by what the API calls on them (api.services), so nothing here ties
+the API to the classes the runtime happens to use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import Engine
 
+from api.services import ApiServices
 from gateway.config import SiteConfig
 from gateway.metrics import Registry
 
@@ -33,8 +35,6 @@ class ApiContext:
     engine: Engine
     jwt: JwtSettings
     metrics: Registry
-    access: Any  # gateway.access.service.AccessService
     publish: Callable[[str, bytes], Awaitable[None]]
-    device_state: Mapping[str, Any] = field(default_factory=dict)
     ready: Callable[[], bool] = lambda: True
-    extras: dict[str, Any] = field(default_factory=dict)  # optional services (ledger, modbus)
+    services: ApiServices = field(default_factory=ApiServices)

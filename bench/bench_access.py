@@ -119,7 +119,7 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 
 async def measure(url: str, decisions: int) -> dict[str, Any]:
-    from gateway import credentials as c
+    from device_drivers import tokens as c
     from gateway.access.index import build_index
     from gateway.access.service import AccessService
     from gateway.store import db

@@ -28,6 +28,7 @@ from bleak import BleakScanner
 from bleak.backends.device import BLEDevice
 from bleak.backends.scanner import AdvertisementData, BaseBleakScanner
 
+from device_drivers.supervision import ComponentTasks, SupervisedTask, Supervisor
 from device_drivers.tokens import (
     BLE_COMPANY_ID,
     BLE_TOKEN_BYTES,
@@ -124,8 +125,10 @@ class BleScanner:
         *,
         backend: type[BaseBleakScanner] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.config = config
+        self._tasks = ComponentTasks(supervisor, f"ble-{config.reader_device_id}")
         self.stats = BleStats()
         self._handler = handler
         self._backend = backend
@@ -133,7 +136,7 @@ class BleScanner:
         self._deduper = TokenDeduper(config.dedupe_s)
         self._queue: asyncio.Queue[str] = asyncio.Queue(config.queue_size)
         self._scanner: BleakScanner | None = None
-        self._delivery: asyncio.Task[None] | None = None
+        self._delivery: SupervisedTask | None = None
 
     @property
     def reader_device_id(self) -> str:
@@ -148,9 +151,8 @@ class BleScanner:
             bluez=bluez,  # type: ignore[arg-type]
             backend=self._backend,
         )
-        self._delivery = asyncio.create_task(
-            self._deliver(), name=f"ble-deliver-{self.reader_device_id}"
-        )
+        await self._tasks.start()
+        self._delivery = self._tasks.spawn(f"ble-deliver-{self.reader_device_id}", self._deliver)
         try:
             await scanner.start()
         except BaseException:
@@ -212,12 +214,9 @@ class BleScanner:
         await self._queue.join()
 
     async def _stop_delivery(self) -> None:
-        task, self._delivery = self._delivery, None
-        if task is None:
-            return
+        delivery, self._delivery = self._delivery, None
         # Tokens already accepted are handed on before stopping: the person is at the door.
-        if not task.done():
+        if delivery is not None and delivery.running:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._queue.join(), timeout=2.0)
-        task.cancel()
-        await asyncio.wait({task})
+        await self._tasks.stop()

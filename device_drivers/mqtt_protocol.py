@@ -54,10 +54,28 @@ def device_topic(root: str, device_id: str, channel: str) -> str:
     return f"{root}/devices/{device_id}/{channel}"
 
 
+TELEMETRY_CHANNELS = ("telemetry",)
+
+
+def gateway_status_topic(root: str, site_id: str) -> str:
+    """The gateway's own retained status and last will."""
+    return f"{root}/gateway/{site_id}/status"
+
+
 def subscriptions(root: str) -> list[str]:
     """Wildcards for what devices publish; `command` is subscribed per Modbus unit only,
     or the gateway would hear its own commands to gates and elevators."""
-    return [f"{root}/devices/+/{channel}" for channel in INBOUND_CHANNELS if channel != "command"]
+    return [*control_subscriptions(root), *telemetry_subscriptions(root)]
+
+
+def control_subscriptions(root: str) -> list[str]:
+    """Access, payments, status and events: the session that must never wait on readings."""
+    return [f"{root}/devices/+/{channel}" for channel in INBOUND_CHANNELS
+            if channel != "command" and channel not in TELEMETRY_CHANNELS]
+
+
+def telemetry_subscriptions(root: str) -> list[str]:
+    return [f"{root}/devices/+/{channel}" for channel in TELEMETRY_CHANNELS]
 
 
 def parse_topic(root: str, topic: str) -> Topic | None:

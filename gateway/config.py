@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from device_drivers.vocabulary import DEVICE_ID_PATTERN, MODBUS_KINDS, DeviceKind
 
 ENV_PREFIX = "SCGW__"
 SECRET_KEYS = {("mqtt", "password"), ("api", "jwt_secret")}
-
+DEFAULT_SITE_FILE = "site.yaml"
+"""What operator commands read when not given `--config` (as `scgw run` does)."""
 
 
 class _Strict(BaseModel):
@@ -30,7 +44,17 @@ class _Strict(BaseModel):
 class SiteInfo(_Strict):
     id: str = Field(pattern=DEVICE_ID_PATTERN)
     name: str = ""
-    timezone: str = "UTC"
+    timezone: str = "UTC"  # IANA name; the canteen's days and the rules' calendars use it
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        """A misspelt zone must fail check-config, not the first settlement at midnight."""
+        try:
+            ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA time zone {name!r} (e.g. Asia/Shanghai)") from None
+        return name
 
 
 class MqttConfig(_Strict):
@@ -106,43 +130,171 @@ class BleReaderConfig(_Strict):
     rssi_threshold_dbm: int = Field(default=-75, ge=-120, le=0)
 
 
-class DeviceConfig(_Strict):
+class _DeviceBase(_Strict):
+    """What every device has, whatever wire it is reached over."""
+
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     kind: DeviceKind
     name: str = ""
     building: str | None = None
+
+
+class MqttDeviceConfig(_DeviceBase):
+    """A device that speaks MQTT itself (CONTRACT.md section 1): gates, elevator readers,
+    canteen terminals, and meters or units that publish their own telemetry.
+
+    The Modbus attributes exist as constants so that code handed any device can ask
+    `device.profile` or `device.is_modbus` without first asking what kind of member it got.
+    """
+
+    transport: ClassVar[Literal["mqtt"]] = "mqtt"
+    is_modbus: ClassVar[bool] = False
+    profile: ClassVar[None] = None
+    host: ClassVar[None] = None
+    port: ClassVar[None] = None
+    unit_id: ClassVar[None] = None
+    poll_interval_s: ClassVar[None] = None
+
     # Gates: a restricted gate (gym, machine room) opens only through an access group or a
     # visitor pass; gate_ids are the names groups and passes use (default: the device id).
     restricted: bool = False
     gate_ids: list[str] = Field(default_factory=list)
-    # Modbus units (kinds hvac, fresh_air, air_purifier, meter) polled by the gateway:
-    host: str | None = None
-    port: int | str | None = None  # TCP port, or a serial device path for RTU
-    unit_id: int = Field(default=1, ge=0, le=247)
-    profile: str | None = None
-    poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
-    baudrate: int = 9600
     ble: BleReaderConfig | None = None
 
-    @property
-    def is_modbus(self) -> bool:
-        return self.profile is not None
+    @field_validator("restricted", "gate_ids")
+    @classmethod
+    def _gate_only(cls, value: Any, info: ValidationInfo) -> Any:
+        kind = info.data.get("kind")
+        if value and kind is not None and kind != "gate":
+            raise ValueError(f"`{info.field_name}` is for gates (this device is a {kind!r})")
+        return value
 
-    @model_validator(mode="after")
-    def _modbus_fields(self) -> DeviceConfig:
-        if self.ble is not None and self.kind not in ("gate", "elevator"):
-            raise ValueError("`ble` is for gate and elevator readers")
-        if (self.restricted or self.gate_ids) and self.kind != "gate":
-            raise ValueError("`restricted` and `gate_ids` are for gates")
-        if self.profile is None:
-            return self
-        if self.kind not in MODBUS_KINDS:
-            raise ValueError(f"kind {self.kind!r} is not a Modbus kind ({sorted(MODBUS_KINDS)})")
-        if self.port is None:
-            raise ValueError("a Modbus device needs `port` (TCP port or serial device path)")
-        if isinstance(self.port, int) and self.host is None:
-            raise ValueError("a Modbus TCP device needs `host`")
-        return self
+    @field_validator("ble")
+    @classmethod
+    def _reader_only(
+        cls, value: BleReaderConfig | None, info: ValidationInfo
+    ) -> BleReaderConfig | None:
+        kind = info.data.get("kind")
+        if value is not None and kind is not None and kind not in ("gate", "elevator"):
+            raise ValueError(f"`ble` is for gate and elevator readers (this device is a {kind!r})")
+        return value
+
+
+class _ModbusBase(_DeviceBase):
+    """A unit the gateway polls (CONTRACT.md section 5); it has no MQTT of its own.
+
+    Reader-only attributes are constants here for the same reason as the Modbus ones on
+    MqttDeviceConfig: callers iterate over all devices.
+    """
+
+    is_modbus: ClassVar[bool] = True
+    restricted: ClassVar[bool] = False
+    gate_ids: ClassVar[tuple[str, ...]] = ()
+    ble: ClassVar[None] = None
+
+    profile: str = Field(min_length=1)  # bundled profile id or a path to a YAML file
+    unit_id: int = Field(default=1, ge=0, le=247)
+    poll_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    timeout_s: float = Field(default=1.0, gt=0, le=60)  # per request
+    retries: int = Field(default=2, ge=0, le=10)  # further attempts after a failed request
+
+    @field_validator("kind")
+    @classmethod
+    def _polled_kind(cls, kind: DeviceKind) -> DeviceKind:
+        if kind not in MODBUS_KINDS:
+            raise ValueError(
+                f"{kind!r} is not polled over Modbus (one of {', '.join(sorted(MODBUS_KINDS))});"
+                " an MQTT device has no `profile`"
+            )
+        return kind
+
+
+class ModbusTcpConfig(_ModbusBase):
+    """A Modbus TCP unit, or a unit behind a Modbus TCP gateway: it has a `host`."""
+
+    transport: ClassVar[Literal["modbus_tcp"]] = "modbus_tcp"
+    host: str = Field(min_length=1)
+    port: int = Field(default=502, ge=1, le=65535)
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _tcp_port(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip().isdigit():
+            raise ValueError(
+                f"a TCP port number (got {value!r}); a serial device path is for Modbus RTU,"
+                " which has no `host`"
+            )
+        return value
+
+
+class ModbusRtuConfig(_ModbusBase):
+    """A Modbus RTU unit on a serial line (RS-485): `port` is the device path.
+
+    Units sharing a line must agree on its settings (checked by SiteConfig), because the
+    gateway opens each line once.
+    """
+
+    transport: ClassVar[Literal["modbus_rtu"]] = "modbus_rtu"
+    host: ClassVar[None] = None
+    port: str = Field(min_length=1)  # /dev/ttyUSB0, COM3, /dev/serial/by-id/...
+    baudrate: int = Field(default=9600, ge=300, le=921600)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[7, 8] = 8
+
+    @property
+    def line_settings(self) -> tuple[int, str, int, int]:
+        return (self.baudrate, self.parity, self.stopbits, self.bytesize)
+
+
+_MODBUS_KEYS = frozenset({"profile", "host", "port"})
+_SERIAL_KEYS = frozenset({"baudrate", "parity", "stopbits", "bytesize"})
+NO_TRANSPORT = (
+    "a Modbus unit (it has `profile`) needs `host` (and `port`, default 502) for Modbus TCP, "
+    "or a serial device path as `port` for Modbus RTU"
+)
+
+
+def _transport(value: Any) -> str | None:
+    """Which member of the device union an entry is, from the keys it has.
+
+    Decided from the keys (not by trying each member) so that an error names the one key
+    that is wrong for the device the operator meant, instead of listing why every member
+    failed. A `profile`, `host` or `port` means a Modbus unit, so a forgotten profile is
+    reported as "profile: required key is missing" rather than "host: unknown key".
+    """
+    if isinstance(value, MqttDeviceConfig | ModbusTcpConfig | ModbusRtuConfig):
+        return value.transport
+    if not isinstance(value, Mapping):
+        return "mqtt"  # reported by the MQTT member as "not a mapping"
+    present = {key for key, item in value.items() if item is not None}
+    if not present & (_MODBUS_KEYS | _SERIAL_KEYS):
+        return "mqtt"
+    if "host" in present:
+        return "modbus_tcp"
+    port = value.get("port")
+    if isinstance(port, str) and not port.strip().isdigit():
+        return "modbus_rtu"
+    if port is not None:
+        return "modbus_tcp"  # a port number: reported as "host: required key is missing"
+    if present & _SERIAL_KEYS:
+        return "modbus_rtu"  # line settings: reported as "port: required key is missing"
+    return None
+
+
+DEVICE_TAGS = frozenset({"mqtt", "modbus_tcp", "modbus_rtu"})
+AnyDevice = MqttDeviceConfig | ModbusTcpConfig | ModbusRtuConfig
+ModbusDevice = ModbusTcpConfig | ModbusRtuConfig
+DeviceConfig = Annotated[
+    Annotated[MqttDeviceConfig, Tag("mqtt")]
+    | Annotated[ModbusTcpConfig, Tag("modbus_tcp")]
+    | Annotated[ModbusRtuConfig, Tag("modbus_rtu")],
+    Discriminator(
+        _transport, custom_error_type="device_transport", custom_error_message=NO_TRANSPORT
+    ),
+]
+"""One `devices:` entry. Every member has device_id, kind, name, building, is_modbus,
+profile, host, port, unit_id, poll_interval_s, restricted, gate_ids and ble."""
 
 
 class SiteConfig(_Strict):
@@ -170,12 +322,30 @@ class SiteConfig(_Strict):
                 )
             if device.kind == "elevator" and device.building is None:
                 problems.append(f"elevator {device.device_id!r} needs `building`")
+        problems.extend(_serial_line_conflicts(self.devices))
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
-    def device(self, device_id: str) -> DeviceConfig | None:
+    def device(self, device_id: str) -> AnyDevice | None:
         return next((d for d in self.devices if d.device_id == device_id), None)
+
+
+def _serial_line_conflicts(devices: list[AnyDevice]) -> list[str]:
+    """Units on one serial port share one line, opened once: its settings must agree."""
+    lines: dict[str, ModbusRtuConfig] = {}
+    problems = []
+    for device in devices:
+        if not isinstance(device, ModbusRtuConfig):
+            continue
+        first = lines.setdefault(device.port, device)
+        if first.line_settings != device.line_settings:
+            problems.append(
+                f"devices {first.device_id!r} and {device.device_id!r} share serial port "
+                f"{device.port!r} but differ in baudrate/parity/stopbits/bytesize "
+                f"({first.line_settings} vs {device.line_settings})"
+            )
+    return problems
 
 
 class ConfigError(Exception):
@@ -268,7 +438,7 @@ def _describe(
 ) -> list[str]:
     problems = []
     for error in exc.errors():
-        path = tuple(error["loc"])
+        path = _without_tags(tuple(error["loc"]))
         dotted = ".".join(str(p) for p in path) or "(top level)"
         if tuple(str(p) for p in path) in from_env:
             where = f"env {ENV_PREFIX}{'__'.join(str(p).upper() for p in path)}"
@@ -280,10 +450,22 @@ def _describe(
             message = "unknown key (check its spelling and indentation)"
         elif error["type"] == "missing":
             message = "required key is missing"
+        elif error["type"] == "value_error":
+            message = str(error["ctx"]["error"]) if "ctx" in error else message
+        elif error["type"] == "model_type":
+            message = f"expected a mapping of keys (got {error['input']!r})"
         elif "input" in error and not isinstance(error["input"], dict | list):
             message = f"{message} (got {error['input']!r})"
         problems.append(f"{where}: {dotted}: {message}")
     return problems
+
+
+def _without_tags(path: tuple[str | int, ...]) -> tuple[str | int, ...]:
+    """`devices.3.modbus_rtu.parity` -> `devices.3.parity`: the union member pydantic chose
+    is not a key the operator wrote, and the line index knows only the keys in the file."""
+    if len(path) >= 3 and path[0] == "devices" and path[2] in DEVICE_TAGS:
+        return path[:2] + path[3:]
+    return path
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> SiteConfig:
@@ -295,3 +477,56 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> S
     return parse_config(text, str(path), environ)
 
 
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorSettings:
+    """What an operator command (db upgrade, import, canteen, audit) works on, and whence."""
+
+    database_url: str
+    timezone: str | None  # None only without a site file when the command needs no zone
+    config: SiteConfig | None
+    source: str  # the site file read, or "command line" when only overrides were given
+
+    @property
+    def site_id(self) -> str | None:
+        return self.config.site.id if self.config is not None else None
+
+
+def operator_settings(
+    config_path: str | Path | None,
+    *,
+    database_url: str | None = None,
+    timezone: str | None = None,
+    need_timezone: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> OperatorSettings:
+    """The site file's settings with the command line's overrides on top.
+
+    There is deliberately no built-in database or time zone: a settlement run against a
+    default SQLite file in the current directory, or counted in UTC, looks plausible and
+    is wrong. So the site file is read (`config_path`, else ./site.yaml when it exists),
+    and without one every needed value must be given explicitly, or ConfigError says what
+    to give. An explicitly named site file that cannot be read or validated is an error even
+    when overrides are given: the operator meant that site.
+    """
+    database_url, timezone = database_url or None, timezone or None
+    path = Path(config_path if config_path is not None else DEFAULT_SITE_FILE)
+    config: SiteConfig | None = None
+    if config_path is not None or path.exists():
+        config = load_config(path, environ)
+    else:
+        missing = ["--database-url"] if database_url is None else []
+        if need_timezone and timezone is None:
+            missing.append("--tz")
+        if missing:
+            raise ConfigError(str(path), [
+                f"no such site file; give --config FILE, or {' and '.join(missing)}"
+            ])
+    if database_url is None:
+        assert config is not None
+        database_url = config.database.url
+    if timezone is None and config is not None:
+        timezone = config.site.timezone
+    source = str(path) if config is not None else "command line"
+    return OperatorSettings(database_url, timezone, config, source)

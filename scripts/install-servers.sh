@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests need, when missing: the real servers the tests
-# start on free loopback ports (mosquitto, influxdb, victoria-metrics, postgresql), socat for
+# start on free loopback ports (mosquitto, influxdb, victoria-metrics, postgresql), mosquitto-clients
+# for the flood benchmark, socat for
 # the Modbus RTU pseudo-terminal tests, and python3-venv for the virtual environment.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ command -v influxd >/dev/null || need+=(influxdb)
 command -v victoria-metrics >/dev/null || need+=(victoria-metrics)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
 command -v socat >/dev/null || need+=(socat)
+command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 
 if [ ${#need[@]} -eq 0 ]; then

@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from device_drivers import tokens as c
 from device_drivers.vocabulary import Credential, Reason
-from gateway import credentials as c
 from gateway.access.decision import AccessDecision, Reader, decide, decide_for_resident
 from gateway.access.index import DirectoryIndex, build_index
 from gateway.store.directory import (

@@ -23,8 +23,8 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import Engine, text
 
+from device_drivers import tokens as c
 from device_drivers.vocabulary import Credential, Reason
-from gateway import credentials as c
 from gateway.access.decision import Reader, decide
 from gateway.access.index import DirectoryIndex, build_index
 from gateway.access.service import AccessService

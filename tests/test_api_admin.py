@@ -14,8 +14,9 @@ import pytest
 from api.app import create_app
 from api.context import ApiContext, JwtSettings
 from api.routers import admin
+from api.services import ApiServices
+from device_drivers import tokens as c
 from device_drivers.vocabulary import Reason
-from gateway import credentials as c
 from gateway.access.decision import Reader
 from gateway.access.service import AccessService
 from gateway.config import SiteConfig
@@ -66,8 +67,8 @@ async def api(database_url: str) -> AsyncIterator[Api]:
             engine=engine,
             jwt=JwtSettings(secrets.token_hex(32), "scgw-api", 600),
             metrics=Registry(),
-            access=access,
             publish=_no_publish,
+            services=ApiServices(access=access),
         )
         transport = httpx.ASGITransport(app=create_app(ctx, [admin.router]))
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
@@ -247,6 +248,9 @@ async def test_bad_input_is_a_4xx(api: Api) -> None:
         answer = await api.http.request(method, path, headers=staff, json=body)
         assert answer.status_code == expected, (path, body, answer.text)
         assert "detail" in answer.json()
+    unknown = await api.http.post("/api/v1/residents/r-9/cards", headers=staff,
+                                  json={"kind": "gate", "card_number": "B1"})
+    assert unknown.json() == {"detail": "resident 'r-9' does not exist"}  # says what is missing
     with_card = await api.http.post("/api/v1/residents/r-1/cards", headers=staff,
                                     json={"kind": "gate", "card_number": "G-1"})
     assert with_card.status_code == 201

@@ -15,6 +15,7 @@ import pytest
 from api.app import create_app
 from api.context import ApiContext, JwtSettings
 from api.routers import canteen
+from api.services import ApiServices
 from device_drivers.vocabulary import Reason
 from gateway.canteen.ledger import BatchPayment, Ledger
 from gateway.config import SiteConfig
@@ -63,9 +64,8 @@ async def api(database_url: str) -> AsyncIterator[Api]:
         engine=engine,
         jwt=JwtSettings(secrets.token_hex(32), "scgw-api", 600),
         metrics=Registry(),
-        access=None,
         publish=_no_publish,
-        extras={"ledger": ledger},
+        services=ApiServices(canteen=ledger),
     )
     app = create_app(ctx, [canteen.router])
     transport = httpx.ASGITransport(app=app)
@@ -179,6 +179,7 @@ async def test_staff_refunds_and_reports(api: Api) -> None:
 
 
 async def test_without_a_running_canteen_the_api_says_so(api: Api) -> None:
-    api.ctx.extras.clear()
+    api.ctx.services = ApiServices()
     response = await api.http.get("/api/v1/me/canteen", headers=await api.headers("ann"))
     assert response.status_code == 503
+    assert response.json() == {"detail": "the canteen is not running"}

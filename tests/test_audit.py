@@ -310,7 +310,9 @@ def _cli() -> typer.Typer:
     return root
 
 
-def test_cli_verify_exit_codes(engine: Engine, database_url: str) -> None:
+def test_cli_verify_exit_codes(engine: Engine, database_url: str, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./site.yaml: the URL must be given explicitly
     fill(engine, 4)
     runner = CliRunner()
     ok = runner.invoke(_cli(), ["audit", "verify", "--database-url", database_url])
@@ -330,7 +332,9 @@ def test_cli_verify_exit_codes(engine: Engine, database_url: str) -> None:
     assert bad_anchor.exit_code == 2
 
 
-def test_cli_verify_without_a_database_or_table(tmp_path: Path, database_url: str) -> None:
+def test_cli_verify_without_a_database_or_table(tmp_path: Path, database_url: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     missing = runner.invoke(_cli(), ["audit", "verify", "--database-url",
                                      f"sqlite:///{tmp_path}/nothing.db"])
@@ -342,3 +346,32 @@ def test_cli_verify_without_a_database_or_table(tmp_path: Path, database_url: st
     eng.dispose()
     no_table = runner.invoke(_cli(), ["audit", "verify", "--database-url", database_url])
     assert no_table.exit_code == 2 and "db upgrade" in no_table.output
+
+
+def test_cli_verify_reads_the_site_files_database(
+    engine: Engine, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check must read the database the gateway writes: the site file's, not a default."""
+    fill(engine, 3)
+    tmp_path = tmp_path / "cwd"  # beside the fixture's scgw.db, not on it
+    tmp_path.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SCGW__DATABASE__URL", raising=False)
+    runner = CliRunner()
+    nothing = runner.invoke(_cli(), ["audit", "verify"])
+    assert nothing.exit_code == 2
+    assert "site.yaml: no such site file; give --config FILE, or --database-url" in nothing.output
+    assert list(tmp_path.iterdir()) == []
+    site = tmp_path / "elsewhere.yaml"
+    site.write_text(f"site: {{id: s}}\ndatabase: {{url: '{database_url}'}}\n")
+    named = runner.invoke(_cli(), ["audit", "verify", "--config", str(site)])
+    assert named.exit_code == 0 and "OK: 3 rows" in named.output, named.output
+    site.rename(tmp_path / "site.yaml")
+    default = runner.invoke(_cli(), ["audit", "verify"])
+    assert default.exit_code == 0 and "OK: 3 rows" in default.output, default.output
+    overridden = runner.invoke(_cli(), ["audit", "verify", "-c", "site.yaml", "--database-url",
+                                        f"sqlite:///{tmp_path}/none.db"])
+    assert overridden.exit_code == 2 and "no database" in overridden.output
+    (tmp_path / "site.yaml").write_text("site: {id: Not Valid}\n")
+    invalid = runner.invoke(_cli(), ["audit", "verify"])
+    assert invalid.exit_code == 2 and "line 1: site.id" in invalid.output

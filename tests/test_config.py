@@ -8,7 +8,15 @@ import pytest
 from typer.testing import CliRunner
 
 from gateway.app.cli import app
-from gateway.config import ConfigError, load_config, parse_config
+from gateway.config import (
+    ConfigError,
+    ModbusRtuConfig,
+    ModbusTcpConfig,
+    MqttDeviceConfig,
+    load_config,
+    parse_config,
+)
+from gateway.devices.modbus import device_specs
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "site.yaml"
 
@@ -80,14 +88,119 @@ def test_cross_references_are_checked() -> None:
     assert "unknown building 'b9'" in text_all
 
 
-def test_modbus_device_needs_a_port() -> None:
+def test_modbus_device_needs_a_transport() -> None:
     text = "site: {id: s}\ndevices:\n  - {device_id: m1, kind: meter, profile: eastron-sdm630}\n"
     with pytest.raises(ConfigError) as info:
         parse_config(text, environ={})
     assert info.value.problems == [
-        "line 3: devices.0: Value error, a Modbus device needs `port` (TCP port or serial "
-        "device path)"
+        "line 3: devices.0: a Modbus unit (it has `profile`) needs `host` (and `port`, default "
+        "502) for Modbus TCP, or a serial device path as `port` for Modbus RTU"
     ]
+
+
+def test_each_transport_is_its_own_member_with_its_own_keys() -> None:
+    config = load_config(EXAMPLE, environ={})
+    gate, erv, meter = (config.device(i) for i in ("lobby-b1", "erv-b1", "meter-main"))
+    assert isinstance(gate, MqttDeviceConfig) and not gate.is_modbus
+    assert gate.profile is None and gate.host is None and gate.ble is not None
+    assert isinstance(erv, ModbusTcpConfig) and erv.is_modbus
+    assert (erv.host, erv.port, erv.unit_id, erv.profile) == ("192.0.2.10", 502, 1, "fresh-air-erv")
+    assert isinstance(meter, ModbusRtuConfig) and meter.host is None
+    assert (meter.port, meter.baudrate, meter.parity, meter.stopbits, meter.bytesize) == (
+        "/dev/ttyUSB0", 9600, "N", 1, 8)
+    assert (meter.timeout_s, meter.retries) == (0.5, 3)
+    assert not meter.restricted and not meter.gate_ids and meter.ble is None
+
+
+def test_a_meter_without_a_profile_speaks_mqtt_itself() -> None:
+    config = parse_config(
+        "site: {id: s}\ndevices:\n  - {device_id: m1, kind: meter, name: Sub-meter}\n",
+        environ={},
+    )
+    assert isinstance(config.devices[0], MqttDeviceConfig)
+    assert not config.devices[0].is_modbus
+
+
+def test_transport_errors_name_one_key_not_every_union_member() -> None:
+    text = (
+        "site: {id: s}\n"
+        "devices:\n"
+        "  - {device_id: g1, kind: gate}\n"  # 3
+        "  - {device_id: m1, kind: meter, host: h, port: /dev/ttyUSB0, profile: p}\n"  # 4
+        "  - device_id: m2\n"  # 5
+        "    kind: meter\n"
+        "    port: /dev/ttyUSB1\n"
+        "    profile: p\n"
+        "    parity: X\n"  # 9
+        "    stopbits: 3\n"  # 10
+        "    bytesize: 6\n"  # 11
+        "  - {device_id: m3, kind: meter, host: h}\n"  # 12
+        "  - {device_id: m4, kind: gate, host: h, profile: p}\n"  # 13
+        "  - {device_id: m5, kind: meter, port: 502, profile: p}\n"  # 14
+        "  - {device_id: m6, kind: meter, baudrate: 19200, profile: p}\n"  # 15
+        "  - {device_id: c1, kind: canteen, ble: {}}\n"  # 16
+        "  - {device_id: g2, kind: gate, poll_interval_s: 3}\n"  # 17
+        "  - {device_id: m7, kind: meter, host: h, profile: p, timeout_s: 0}\n"  # 18
+        "  - not a device\n"  # 19
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "s.yaml", environ={})
+    problems = info.value.problems
+    assert problems == [
+        "line 4: devices.1.port: a TCP port number (got '/dev/ttyUSB0'); a serial device path is"
+        " for Modbus RTU, which has no `host`",
+        "line 9: devices.2.parity: Input should be 'N', 'E' or 'O' (got 'X')",
+        "line 10: devices.2.stopbits: Input should be 1 or 2 (got 3)",
+        "line 11: devices.2.bytesize: Input should be 7 or 8 (got 6)",
+        "line 12: devices.3.profile: required key is missing",
+        "line 13: devices.4.kind: 'gate' is not polled over Modbus (one of air_purifier, "
+        "fresh_air, hvac, meter); an MQTT device has no `profile`",
+        "line 14: devices.5.host: required key is missing",
+        "line 15: devices.6.port: required key is missing",
+        "line 16: devices.7.ble: `ble` is for gate and elevator readers (this device is a "
+        "'canteen')",
+        "line 17: devices.8.poll_interval_s: unknown key (check its spelling and indentation)",
+        "line 18: devices.9.timeout_s: Input should be greater than 0 (got 0)",
+        "line 19: devices.10: expected a mapping of keys (got 'not a device')",
+    ]
+
+
+def test_units_on_one_serial_line_agree_on_its_settings() -> None:
+    text = (
+        "site: {id: s}\ndevices:\n"
+        "  - {device_id: m1, kind: meter, port: /dev/ttyUSB1, profile: p, baudrate: 19200}\n"
+        "  - {device_id: m2, kind: meter, port: /dev/ttyUSB1, profile: p, unit_id: 2}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, environ={})
+    assert "'m1' and 'm2' share serial port '/dev/ttyUSB1'" in info.value.problems[0]
+
+
+def test_every_rtu_setting_reaches_the_driver() -> None:
+    """check-config accepting a parity the poller then ignores would poll with the wrong one."""
+    config = parse_config(
+        "site: {id: s}\ndevices:\n"
+        "  - {device_id: g1, kind: gate}\n"
+        "  - {device_id: m1, kind: meter, port: /dev/ttyUSB1, profile: p, unit_id: 7,"
+        " baudrate: 19200, parity: O, stopbits: 2, bytesize: 7, timeout_s: 0.3, retries: 0,"
+        " poll_interval_s: 2}\n"
+        "  - {device_id: a1, kind: hvac, host: 10.0.0.9, profile: q, timeout_s: 2.5,"
+        " retries: 4}\n",
+        environ={},
+    )
+    rtu, tcp = device_specs(config)
+    assert (rtu.device_id, rtu.host, rtu.port, rtu.unit_id, rtu.poll_interval_s) == (
+        "m1", None, "/dev/ttyUSB1", 7, 2.0)
+    assert (rtu.baudrate, rtu.parity, rtu.stopbits, rtu.bytesize) == (19200, "O", 2, 7)
+    assert (rtu.timeout_s, rtu.retries) == (0.3, 0)
+    assert rtu.endpoint.parity == "O" and rtu.endpoint.stopbits == 2
+    assert (tcp.host, tcp.port, tcp.timeout_s, tcp.retries) == ("10.0.0.9", 502, 2.5, 4)
+
+
+def test_unknown_time_zone_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("site: {id: s, timezone: Asia/Shangai}\n", environ={})
+    assert info.value.problems[0].startswith("line 1: site.timezone: unknown IANA time zone")
 
 
 def test_yaml_syntax_error_names_the_line() -> None:

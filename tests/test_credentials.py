@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway import credentials as c
+from device_drivers import tokens as c
 
 SECRET = bytes(range(32))
 CID = "0123456789abcdef"

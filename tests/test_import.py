@@ -11,6 +11,7 @@ from sqlalchemy import Engine
 from typer.testing import CliRunner
 
 from gateway.access.importer import ImportReport, import_residents, parse_csv
+from gateway.app.cli import app as cli_app
 from gateway.app.cli_import import app as import_app
 from gateway.config import load_config
 from gateway.store import directory as d
@@ -211,7 +212,9 @@ def _cli() -> typer.Typer:
     return root
 
 
-def test_cli_exit_codes_and_output(engine: Engine, database_url: str, tmp_path: Path) -> None:
+def test_cli_exit_codes_and_output(engine: Engine, database_url: str, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./site.yaml: the URL comes from the environment
     good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
     good.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())  # with the BOM spreadsheets write
     bad.write_text(HEADER + "b1-1201,b1,12,,r-1,Wang Fang,boss,,,\n", encoding="utf-8")
@@ -240,7 +243,9 @@ def test_cli_exit_codes_and_output(engine: Engine, database_url: str, tmp_path: 
     assert runner.invoke(_cli(), ["import", "residents", str(latin1)], env=env).exit_code == 1
 
 
-def test_cli_without_a_migrated_database(tmp_path: Path) -> None:
+def test_cli_without_a_migrated_database(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     csv_file = tmp_path / "r.csv"
     csv_file.write_text(GOOD, encoding="utf-8")
@@ -248,3 +253,37 @@ def test_cli_without_a_migrated_database(tmp_path: Path) -> None:
                                      f"sqlite:///{tmp_path}/none.db"])
     assert nowhere.exit_code == 2 and "scgw db upgrade" in nowhere.output
     assert not (tmp_path / "none.db").exists()
+
+
+def test_cli_uses_the_site_file_like_db_upgrade(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README path: `db upgrade --config site.yaml`, then an import with no options.
+
+    The import used to look for a default ./scgw.db instead of the site file's database, so
+    it refused to run ("run `scgw db upgrade` first") right after a successful upgrade.
+    """
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SCGW__DATABASE__URL", raising=False)
+    runner = CliRunner()
+    csv_file = tmp_path / "residents.csv"
+    csv_file.write_bytes((ROOT / "examples" / "residents.csv").read_bytes())
+    nothing = runner.invoke(_cli(), ["import", "residents", "residents.csv", "--dry-run"])
+    assert nothing.exit_code == 2
+    assert "site.yaml: no such site file; give --config FILE, or --database-url" in nothing.output
+    db_url = f"sqlite:///{tmp_path}/var/site.db"
+    (tmp_path / "site.yaml").write_text(
+        (ROOT / "examples" / "site.yaml").read_text(encoding="utf-8")
+        .replace("sqlite:////var/lib/scgw/scgw.db", db_url), encoding="utf-8")
+    upgraded = runner.invoke(cli_app, ["db", "upgrade", "--config", "site.yaml"])
+    assert upgraded.exit_code == 0, upgraded.output
+    dry = runner.invoke(_cli(), ["import", "residents", "residents.csv", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "would import 7 rows, 2 buildings synced" in dry.output
+    done = runner.invoke(_cli(), ["import", "residents", "residents.csv", "-c", "site.yaml"])
+    assert done.exit_code == 0, done.output
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert d.get_resident(conn, "r-1003").name == "Zhang, Min"
+    finally:
+        engine.dispose()

@@ -17,11 +17,11 @@ import aiomqtt
 import pytest
 from sqlalchemy import Engine, select
 
+from device_drivers import tokens as cred
 from device_drivers.mqtt import NO_DELAY
 from device_drivers.mqtt_protocol import Credential, Malformed
 from device_drivers.offline_sales import OfflineLimits
 from device_drivers.vocabulary import Reason
-from gateway import credentials as cred
 from gateway.canteen.ledger import Ledger
 from gateway.canteen.payments import (
     PaymentHandler,

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -317,7 +318,8 @@ def test_refunds_never_exceed_what_the_payment_took(ledger: Ledger) -> None:
 
 
 def test_settlement_per_terminal_equals_the_ledger(
-    database_url: str, ledger: Ledger, clock: Clock
+    database_url: str, ledger: Ledger, clock: Clock, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     ledger.topup("r-1", 5000, "topup-key-1")
     ledger.pay("pos-1", "t-1", 1200, "r-1", NOON)
@@ -337,20 +339,43 @@ def test_settlement_per_terminal_equals_the_ledger(
     assert ledger.settle(date(2026, 3, 2), ZoneInfo("Asia/Shanghai")) == rows
     assert ledger.settle(date(2026, 3, 3), ZoneInfo("Pacific/Kiritimati")) == rows
 
+    # The CLI counts the day in the site file's zone: Kiritimati's 3 March holds UTC noon
+    # of 2 March. A UTC default would have handed over an empty settlement for the 3rd.
+    site = tmp_path / "site.yaml"
+    site.write_text("site: {id: s, timezone: Pacific/Kiritimati}\n"
+                    f"database: {{url: '{database_url}'}}\n")
+    monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(canteen_cli, ["settle", "--date", "2026-03-02",
-                                         "--database-url", database_url])
+    result = runner.invoke(canteen_cli, ["settle", "--date", "2026-03-03", "--config", str(site)])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].startswith("date,terminal_id,payments,sales_cents")
-    assert lines[-1] == "2026-03-02,TOTAL,2,2000,1,200,1800,1,900"
-    result = runner.invoke(canteen_cli, ["reconcile", "--date", "2026-03-02",
-                                         "--database-url", database_url])
+    assert lines[-1] == "2026-03-03,TOTAL,2,2000,1,200,1800,1,900"
+    assert "(site s, Pacific/Kiritimati)" in result.stderr
+    result = runner.invoke(canteen_cli, ["settle", "--date", "2026-03-02"])  # ./site.yaml
+    assert result.exit_code == 0 and result.stdout.splitlines()[-1].startswith(
+        "2026-03-02,TOTAL,0,0,"), result.output
+    result = runner.invoke(canteen_cli, ["settle", "--date", "2026-03-02", "--tz", "UTC"])
+    assert result.stdout.splitlines()[-1] == "2026-03-02,TOTAL,2,2000,1,200,1800,1,900"
+    result = runner.invoke(canteen_cli, ["reconcile", "--date", "2026-03-03", "-c", str(site)])
     assert result.exit_code == 0, result.output
     assert ",pos-2,o-1,,900,0,900,revoked," in result.stdout
-    result = runner.invoke(canteen_cli, ["settle", "--date", "2 March",
-                                         "--database-url", database_url])
+    result = runner.invoke(canteen_cli, ["settle", "--date", "2 March", "-c", str(site)])
     assert result.exit_code == 2 and "is not a date" in result.output
+    # Without a site file every setting must be given: never a default database or zone.
+    site.unlink()
+    result = runner.invoke(canteen_cli, ["settle", "--date", "2026-03-02",
+                                         "--database-url", database_url])
+    assert result.exit_code == 2
+    assert "site.yaml: no such site file; give --config FILE, or --tz" in result.stderr
+    result = runner.invoke(canteen_cli, ["reconcile", "--date", "2026-03-02"])
+    assert result.exit_code == 2 and "or --database-url and --tz" in result.stderr
+    result = runner.invoke(canteen_cli, ["settle", "--date", "2026-03-02",
+                                         "--database-url", database_url, "--tz", "UTC"])
+    assert result.exit_code == 0 and "(UTC)" in result.stderr, result.output
+    result = runner.invoke(canteen_cli, ["settle", "--date", "2026-03-02",
+                                         "--database-url", database_url, "--tz", "Mars/Olympus"])
+    assert result.exit_code == 2 and "unknown time zone" in result.output
 
 
 def test_migration_creates_exactly_the_ledger_tables(engine: Engine) -> None:

@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from device_drivers import tokens as cred
 from device_drivers.mqtt_protocol import Credential, Malformed
 from device_drivers.offline_sales import OfflineLimits
 from device_drivers.vocabulary import Reason
-from gateway import credentials as cred
 from gateway.canteen import payments
 from gateway.canteen.ledger import BatchPayment, Ledger
 from gateway.canteen.payments import (

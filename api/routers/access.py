@@ -14,6 +14,9 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
 
 from api.auth import Ctx, Resident
+from api.deps import Access
+from api.errors import errors
+from api.services import RemoteDecision
 from device_drivers.mqtt_protocol import device_topic, encode
 
 router = APIRouter(prefix="/api/v1", tags=["access"])
@@ -36,10 +39,11 @@ class CallFloorIn(BaseModel):
     floor: int = Field(ge=-20, le=300)
 
 
-@router.post("/me/access-token", response_model=AccessTokenOut)
-async def access_token(ctx: Ctx, user: Resident) -> AccessTokenOut:
+@router.post("/me/access-token", response_model=AccessTokenOut,
+             responses=errors(401, 403, 409, 503))
+async def access_token(user: Resident, access: Access) -> AccessTokenOut:
     assert user.resident_id is not None
-    issued = ctx.access.issue_qr(user.resident_id, time.time())
+    issued = access.issue_qr(user.resident_id, time.time())
     if issued is None:
         raise HTTPException(
             status.HTTP_409_CONFLICT, detail="no active phone credential is enrolled for you"
@@ -55,9 +59,9 @@ def _device(ctx: Ctx, device_id: str, kind: str) -> None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no {kind} named {device_id!r}")
 
 
-def _audit(ctx: Ctx, device_id: str, decision: object, command_id: str) -> None:
+def _audit(ctx: Ctx, device_id: str, decision: RemoteDecision, command_id: str) -> None:
     """Remote opens are decisions too: they go into the same hash-chained audit log."""
-    audit = ctx.extras.get("audit")
+    audit = ctx.services.audit
     device = ctx.config.device(device_id)
     if audit is not None and device is not None:
         audit.record_decision(device_id, device.kind, decision, time.time(), command_id)
@@ -77,11 +81,13 @@ async def _send(ctx: Ctx, device_id: str, command: dict[str, object], command_id
     "/gates/{device_id}/unlock",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=CommandAccepted,
+    responses=errors(401, 403, 404, 422, 503),
 )
-async def unlock_gate(ctx: Ctx, user: Resident, device_id: str) -> CommandAccepted:
+async def unlock_gate(ctx: Ctx, user: Resident, access: Access, device_id: str
+                      ) -> CommandAccepted:
     _device(ctx, device_id, "gate")
     assert user.resident_id is not None
-    decision = ctx.access.check_remote(user.resident_id, device_id, time.time())
+    decision = access.check_remote(user.resident_id, device_id, time.time())
     command_id = f"c-{secrets.token_hex(8)}"
     _audit(ctx, device_id, decision, command_id)
     if not decision.granted:
@@ -95,13 +101,14 @@ async def unlock_gate(ctx: Ctx, user: Resident, device_id: str) -> CommandAccept
     "/elevators/{device_id}/call",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=CommandAccepted,
+    responses=errors(401, 403, 404, 422, 503),
 )
 async def call_elevator(
-    ctx: Ctx, user: Resident, device_id: str, body: CallFloorIn
+    ctx: Ctx, user: Resident, access: Access, device_id: str, body: CallFloorIn
 ) -> CommandAccepted:
     _device(ctx, device_id, "elevator")
     assert user.resident_id is not None
-    decision = ctx.access.check_remote(user.resident_id, device_id, time.time())
+    decision = access.check_remote(user.resident_id, device_id, time.time())
     command_id = f"c-{secrets.token_hex(8)}"
     _audit(ctx, device_id, decision, command_id)
     if not decision.granted:

@@ -4,15 +4,14 @@ and the day's reports.
 Money-moving calls carry a client-chosen `idempotency_key`: a retried request (a timeout,
 a double click) returns the first receipt with `replayed: true` instead of paying twice,
 and the key reused for a different request is a 409. Mounting:
-`create_app(ctx, [canteen.router])` with the `Ledger` in `ctx.extras["ledger"]` (or a
-service with a `.ledger` attribute in `ctx.extras["canteen"]`).
+`create_app(ctx, [canteen.router])` with the ledger in `ctx.services.canteen`.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from datetime import date
-from typing import Annotated, Any
+from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
@@ -20,13 +19,14 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
 from api.auth import Ctx, Resident, require_roles
+from api.deps import LedgerDep
+from api.errors import errors
+from api.services import CanteenLedger, Receipt
 from gateway.canteen import policy
-from gateway.canteen.ledger import (
+from gateway.canteen.postings import (
     IdempotencyConflict,
     InvalidRequest,
-    Ledger,
     LedgerError,
-    Receipt,
     RefundRefused,
     UnknownPayment,
 )
@@ -95,16 +95,6 @@ class SettlementOut(BaseModel):
     net_cents: int
 
 
-def ledger_of(ctx: Ctx) -> Ledger:
-    found: Any = ctx.extras.get("ledger")
-    if found is None and ctx.extras.get("canteen") is not None:
-        found = getattr(ctx.extras["canteen"], "ledger", None)
-    if not isinstance(found, Ledger):
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="canteen is not running")
-    return found
-
-
-LedgerDep = Annotated[Ledger, Depends(ledger_of)]
 PathId = Annotated[str, Path(pattern=ID_PATTERN)]
 Limit = Annotated[int, Query(ge=1, le=500)]
 
@@ -117,7 +107,7 @@ def _zone(name: str) -> ZoneInfo:
                             detail=f"unknown time zone {name!r}") from None
 
 
-async def _statement(ledger: Ledger, resident_id: str, limit: int) -> CanteenOut:
+async def _statement(ledger: CanteenLedger, resident_id: str, limit: int) -> CanteenOut:
     def read() -> CanteenOut:
         history = ledger.history(resident_id, limit)
         return CanteenOut(
@@ -146,14 +136,15 @@ def _refused(exc: LedgerError) -> HTTPException:
     return HTTPException(code, detail=str(exc))
 
 
-@router.get("/me/canteen", response_model=CanteenOut)
+@router.get("/me/canteen", response_model=CanteenOut, responses=errors(401, 403, 422, 503))
 async def my_canteen(user: Resident, ledger: LedgerDep, limit: Limit = 50) -> CanteenOut:
     """The signed-in resident's purse: balance and newest movements first."""
     assert user.resident_id is not None
     return await _statement(ledger, user.resident_id, limit)
 
 
-@router.get("/canteen/accounts/{resident_id}", response_model=CanteenOut)
+@router.get("/canteen/accounts/{resident_id}", response_model=CanteenOut,
+            responses=errors(401, 403, 422, 503))
 async def account(
     resident_id: PathId, _: Staff, ledger: LedgerDep, limit: Limit = 50,
 ) -> CanteenOut:
@@ -162,18 +153,20 @@ async def account(
 
 @router.post("/canteen/accounts/{resident_id}/topup", response_model=ReceiptOut,
              status_code=status.HTTP_201_CREATED,
-             responses={200: {"description": "a replay of an earlier top-up with this key"}})
+             responses={200: {"model": ReceiptOut,
+                              "description": "a replay of an earlier top-up with this key"},
+                        **errors(401, 403, 404, 409, 422, 503)})
 async def topup(
-    resident_id: PathId, body: TopupIn, _: Staff, ledger: LedgerDep, response: Response,
+    ctx: Ctx, resident_id: PathId, body: TopupIn, _: Staff, ledger: LedgerDep,
+    response: Response,
 ) -> ReceiptOut:
     """Credit a resident's purse (cash taken at the counter)."""
     def run() -> Receipt:
-        with ledger.engine.connect() as conn:
+        with ctx.engine.connect() as conn:
             try:
                 resident = get_resident(conn, resident_id)
-            except NotFound:
-                raise HTTPException(status.HTTP_404_NOT_FOUND,
-                                    detail=f"no resident {resident_id!r}") from None
+            except NotFound as exc:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, detail=str(exc)) from None
         if resident.moved_out_at is not None:
             raise HTTPException(status.HTTP_409_CONFLICT,
                                 detail=f"resident {resident_id!r} has moved out")
@@ -187,7 +180,9 @@ async def topup(
 
 @router.post("/canteen/accounts/{resident_id}/refunds", response_model=ReceiptOut,
              status_code=status.HTTP_201_CREATED,
-             responses={200: {"description": "a replay of an earlier refund with this key"}})
+             responses={200: {"model": ReceiptOut,
+                              "description": "a replay of an earlier refund with this key"},
+                        **errors(401, 403, 404, 409, 422, 503)})
 async def refund(
     resident_id: PathId, body: RefundIn, _: Staff, ledger: LedgerDep, response: Response,
 ) -> ReceiptOut:
@@ -202,7 +197,8 @@ async def refund(
     return _receipt(await run_in_threadpool(run), response)
 
 
-@router.get("/canteen/reconciliation", response_model=list[ShortfallRow])
+@router.get("/canteen/reconciliation", response_model=list[ShortfallRow],
+            responses=errors(401, 403, 422, 503))
 async def reconciliation(
     day: Annotated[date, Query(alias="date")], _: Staff, ledger: LedgerDep,
     tz: Annotated[str, Query()] = "UTC",
@@ -212,7 +208,8 @@ async def reconciliation(
     return list(rows)
 
 
-@router.get("/canteen/settlement", response_model=SettlementOut)
+@router.get("/canteen/settlement", response_model=SettlementOut,
+            responses=errors(401, 403, 422, 503))
 async def settlement(
     day: Annotated[date, Query(alias="date")], _: Staff, ledger: LedgerDep,
     tz: Annotated[str, Query()] = "UTC",

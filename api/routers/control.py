@@ -6,13 +6,15 @@ the answer carries the values read back from the unit after the write.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, status
 from pydantic import BaseModel, Field
 
-from api.auth import Ctx, require_roles
-from gateway.devices.modbus import apply_set
+from api.auth import require_roles
+from api.deps import Modbus
+from api.errors import errors
+from device_drivers.modbus.errors import ModbusError, UnknownDevice, WriteRefused
 from gateway.store.users import Role, User
 
 router = APIRouter(prefix="/api/v1/devices", tags=["control"])
@@ -37,33 +39,29 @@ class RegisterOut(BaseModel):
     max: float | None
 
 
-_ERRORS = {
-    "unknown_device": status.HTTP_404_NOT_FOUND,
-    "refused": status.HTTP_422_UNPROCESSABLE_CONTENT,
-    "device_error": status.HTTP_502_BAD_GATEWAY,
-}
+def _unknown(device_id: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no Modbus unit {device_id!r}")
 
 
-def _fleet(ctx: Ctx) -> Any:
-    fleet = ctx.extras.get("modbus")
-    if fleet is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="Modbus is not running")
-    return fleet
+@router.post("/{device_id}/set", response_model=SetOut,
+             responses=errors(401, 403, 404, 422, 502, 503))
+async def set_values(_user: Engineer, fleet: Modbus, device_id: str, body: SetIn) -> SetOut:
+    try:
+        readback = await fleet.write(device_id, body.values)
+    except UnknownDevice:
+        raise _unknown(device_id) from None
+    except WriteRefused as exc:  # nothing was sent: the profile forbids these values
+        raise HTTPException(422, detail=str(exc)) from None
+    except ModbusError as exc:
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, detail=str(exc)) from None
+    return SetOut(device_id=device_id, values=dict(readback))
 
 
-@router.post("/{device_id}/set", response_model=SetOut)
-async def set_values(ctx: Ctx, _user: Engineer, device_id: str, body: SetIn) -> SetOut:
-    result = await apply_set(_fleet(ctx), device_id, body.values)
-    if not result["ok"]:
-        raise HTTPException(_ERRORS[result["error"]], detail=result["detail"])
-    return SetOut(device_id=device_id, values=result["values"])
-
-
-@router.get("/{device_id}/registers", response_model=list[RegisterOut])
-async def registers(ctx: Ctx, _user: Engineer, device_id: str) -> list[RegisterOut]:
-    fleet = _fleet(ctx)
+@router.get("/{device_id}/registers", response_model=list[RegisterOut],
+            responses=errors(401, 403, 404, 422, 503))
+async def registers(_user: Engineer, fleet: Modbus, device_id: str) -> list[RegisterOut]:
     if device_id not in fleet.device_ids:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no Modbus unit {device_id!r}")
+        raise _unknown(device_id)
     return [
         RegisterOut(
             name=r.name, input_type=r.input_type, unit=r.unit, writable=r.writable,

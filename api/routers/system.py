@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Response, status
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, PlainTextResponse
 from pydantic import BaseModel
 
 from api.auth import Ctx, require_roles
+from api.deps import Latest
+from api.errors import errors
 from gateway.store.users import Role, User
 
 router = APIRouter(tags=["system"])
+StaffOrEngineer = Annotated[User, Depends(require_roles(Role.STAFF, Role.ENGINEER))]
+
+
+class PrometheusText(PlainTextResponse):
+    """Declares Prometheus' own content type, so /openapi.json names it too."""
+
+    media_type = "text/plain; version=0.0.4"
 
 
 _DASHBOARD = Path(__file__).parents[1] / "static" / "dashboard.html"
@@ -24,22 +33,32 @@ async def dashboard() -> HTMLResponse:
     return HTMLResponse(_DASHBOARD.read_text(encoding="utf-8"))
 
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+class HealthOut(BaseModel):
+    status: str
 
 
-@router.get("/readyz")
-async def readyz(ctx: Ctx, response: Response) -> dict[str, Any]:
+class ReadyOut(BaseModel):
+    ready: bool
+
+
+@router.get("/healthz", response_model=HealthOut)
+async def healthz() -> HealthOut:
+    return HealthOut(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyOut,
+            responses={503: {"model": ReadyOut, "description": "not connected to the broker"}})
+async def readyz(ctx: Ctx, response: Response) -> ReadyOut:
     ready = ctx.ready()
     if not ready:
-        response.status_code = 503
-    return {"ready": ready}
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    return ReadyOut(ready=ready)
 
 
-@router.get("/metrics")
-async def metrics(ctx: Ctx) -> Response:
-    return Response(ctx.metrics.render(), media_type="text/plain; version=0.0.4")
+@router.get("/metrics", response_class=PrometheusText,
+            responses={200: {"description": "Prometheus text exposition format"}})
+async def metrics(ctx: Ctx) -> PrometheusText:
+    return PrometheusText(ctx.metrics.render())
 
 
 class DeviceOut(BaseModel):
@@ -51,21 +70,19 @@ class DeviceOut(BaseModel):
     last_seen: float | None
 
 
-@router.get("/api/v1/devices", response_model=list[DeviceOut])
-async def list_devices(
-    ctx: Ctx, _user: Annotated[User, Depends(require_roles(Role.STAFF, Role.ENGINEER))]
-) -> list[DeviceOut]:
+@router.get("/api/v1/devices", response_model=list[DeviceOut], responses=errors(401, 403))
+async def list_devices(ctx: Ctx, _user: StaffOrEngineer) -> list[DeviceOut]:
     out = []
     for device in ctx.config.devices:
-        state = ctx.device_state.get(device.device_id)
+        state = ctx.services.device_state.get(device.device_id)
         out.append(
             DeviceOut(
                 device_id=device.device_id,
                 kind=device.kind,
                 name=device.name,
                 building=device.building,
-                online=getattr(state, "online", None),
-                last_seen=getattr(state, "last_seen", None),
+                online=None if state is None else state.online,
+                last_seen=None if state is None else state.last_seen,
             )
         )
     return out
@@ -78,15 +95,11 @@ class LatestOut(BaseModel):
     metrics: dict[str, float]
 
 
-@router.get("/api/v1/devices/{device_id}/latest", response_model=LatestOut)
-async def latest_reading(
-    ctx: Ctx,
-    device_id: str,
-    _user: Annotated[User, Depends(require_roles(Role.STAFF, Role.ENGINEER))],
-) -> LatestOut:
+@router.get("/api/v1/devices/{device_id}/latest", response_model=LatestOut,
+            responses=errors(401, 403, 404, 422, 503))
+async def latest_reading(_user: StaffOrEngineer, latest: Latest, device_id: str) -> LatestOut:
     """The newest value of every metric the device reported (Modbus poll or MQTT telemetry)."""
-    latest = ctx.extras.get("latest")
-    reading = latest.get(device_id) if latest is not None else None
+    reading = latest.get(device_id)
     if reading is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no readings from {device_id!r}")
     return LatestOut(device_id=reading.device_id, kind=reading.kind, ts=reading.ts,

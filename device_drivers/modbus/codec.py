@@ -13,10 +13,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Literal, get_args
-
-if TYPE_CHECKING:
-    from device_drivers.modbus.profile import ReadBlock, Register
+from typing import Literal, Protocol, get_args
 
 InputType = Literal["holding", "input", "coil", "discrete"]
 DataType = Literal["int16", "uint16", "int32", "uint32", "float32", "bool"]
@@ -26,6 +23,41 @@ INPUT_TYPES: tuple[str, ...] = get_args(InputType)
 DATA_TYPES: tuple[str, ...] = get_args(DataType)
 SWAPS: tuple[str, ...] = get_args(Swap)
 BIT_TABLES = frozenset({"coil", "discrete"})
+
+
+class Register(Protocol):
+    """What the codec needs of a register; `profile.Register` is the one implementation.
+
+    Declared here so the codec sits below the profile model instead of importing it back.
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def input_type(self) -> str: ...
+    @property
+    def data_type(self) -> str: ...
+    @property
+    def swap(self) -> str: ...
+    @property
+    def scale(self) -> float: ...
+    @property
+    def offset(self) -> float: ...
+    @property
+    def writable(self) -> bool: ...
+    @property
+    def min(self) -> float | None: ...
+    @property
+    def max(self) -> float | None: ...
+    @property
+    def width(self) -> int: ...
+
+
+class ReadBlock(Protocol):
+    """A planned read (`profile.ReadBlock`): the decode steps prepared for its registers."""
+
+    @property
+    def steps(self) -> Sequence[DecodeStep]: ...
 WRITABLE_TABLES = frozenset({"holding", "coil"})
 
 WIDTH: Mapping[str, int] = {

@@ -9,6 +9,7 @@ the line's lock, so while one unit backs off the others keep their turn.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -28,6 +29,7 @@ from device_drivers.modbus.health import (
     record_success,
 )
 from device_drivers.modbus.profile import Profile, ReadBlock, load_profile, plan_reads, plan_write
+from device_drivers.supervision import ComponentTasks, Supervisor
 from device_drivers.vocabulary import DEVICE_ID_RE, DEVICE_KINDS, Reading
 
 log = logging.getLogger(__name__)
@@ -257,6 +259,7 @@ class ModbusFleet:
         probe_max_s: float = 60.0,
         late_window_s: float | None = None,
         profiles: Mapping[str, Profile] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         """Load and check every profile now, so a bad map fails before anything starts."""
         self.on_reading = on_reading
@@ -286,14 +289,14 @@ class ModbusFleet:
                                  f" {endpoint.port} ({link.endpoint.label})")
             self._units[spec.device_id] = _Unit(spec, profile, link, self)
         self._links = list(links.values())
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks = ComponentTasks(supervisor, "modbus")
         self.stopping = False
 
     async def __aenter__(self) -> ModbusFleet:
+        await self._tasks.start()
         for index, unit in enumerate(self._units.values()):
             phase = (index * _GOLDEN) % 1.0 * unit.spec.poll_interval_s
-            task = asyncio.create_task(unit.run(phase), name=f"modbus:{unit.spec.device_id}")
-            self._tasks.append(task)
+            self._tasks.spawn(f"modbus:{unit.spec.device_id}", functools.partial(unit.run, phase))
         return self
 
     async def __aexit__(
@@ -302,15 +305,8 @@ class ModbusFleet:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Python 3.11's wait_for (inside pymodbus) swallows a cancel that coincides with a
-        # reply, so one cancel() may not stop a busy unit: flag, then cancel until done.
         self.stopping = True
-        pending = set(self._tasks)
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.1)
-        self._tasks.clear()
+        await self._tasks.stop()
         for link in self._links:
             await link.close()
 

@@ -46,6 +46,7 @@ from sqlalchemy import (
     text,
 )
 
+from device_drivers.supervision import ComponentTasks, SupervisedTask, Supervisor
 from gateway.store.metadata import metadata
 
 log = logging.getLogger(__name__)
@@ -272,6 +273,7 @@ class AuditLog:
         retry_max_s: float = 5.0,
         shutdown_attempts: int = 5,
         warn_pending: int = 100_000,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._engine = engine
         self.flush_interval_s = flush_interval_s
@@ -284,7 +286,8 @@ class AuditLog:
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
         self._inflight: asyncio.Future[None] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = ComponentTasks(supervisor, "audit")
+        self._writer: SupervisedTask | None = None
         self._closed = False
         self.written = 0
         self.write_errors = 0
@@ -311,7 +314,8 @@ class AuditLog:
     async def __aenter__(self) -> Self:
         self._closed = False
         self._stop.clear()
-        self._task = asyncio.create_task(self._run(), name="audit-writer")
+        await self._tasks.start()
+        self._writer = self._tasks.spawn("audit-writer", self._run)
         return self
 
     async def __aexit__(
@@ -322,12 +326,13 @@ class AuditLog:
     ) -> None:
         self._stop.set()
         self._wake.set()
-        task, self._task = self._task, None
+        writer, self._writer = self._writer, None
         try:
-            if task is not None:
-                await task
+            if writer is not None:
+                await writer.join()  # the writer drains what is pending, then returns
         finally:
             self._closed = True
+            await self._tasks.stop()
         if self._pending:
             raise AuditError(f"{len(self._pending)} audit entries could not be written")
 

@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Connection, Engine, create_engine, event
 
 from device_drivers import tokens
+from device_drivers.supervision import ComponentTasks, Supervisor
 from device_drivers.vocabulary import CREDENTIAL_TYPES, Credential, Reason
 from gateway.access.decision import (
     AccessDecision,
@@ -98,6 +99,7 @@ class AccessService:
         timezone: str | tzinfo = "UTC",
         poll_interval_s: float = 0.3,
         buildings: Sequence[tuple[Building, Sequence[Floor]]] = (),
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._engine = engine
         self._read = _read_engine(engine)
@@ -110,12 +112,13 @@ class AccessService:
         self._rebuild = asyncio.Lock()
         self._pass_uses: dict[str, int] = {}
         self._unsaved_uses: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = ComponentTasks(supervisor, "access")
         self.poll_failures = 0
         self.rebuilds = 0
 
     @classmethod
-    def from_config(cls, engine: Engine, config: SiteConfig) -> AccessService:
+    def from_config(cls, engine: Engine, config: SiteConfig,
+                    supervisor: Supervisor | None = None) -> AccessService:
         """Readers are the gate, elevator and canteen devices; buildings mirror into the store."""
         readers = [
             Reader(d.device_id, d.kind, d.building, gate_ids=frozenset(d.gate_ids),
@@ -126,21 +129,20 @@ class AccessService:
             (Building(b.id, b.name), [Floor(b.id, f.number, f.name, f.public) for f in b.floors])
             for b in config.buildings
         ]
-        return cls(engine, readers, timezone=config.site.timezone, buildings=buildings)
+        return cls(engine, readers, timezone=config.site.timezone, buildings=buildings,
+                   supervisor=supervisor)
 
     async def __aenter__(self) -> Self:
         if self._buildings:
             await asyncio.to_thread(self._mirror_buildings)
         await self.refresh_now()
-        self._task = asyncio.create_task(self._watch(), name="access-index-watch")
+        await self._tasks.start()
+        self._tasks.spawn("access-index-watch", self._watch)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._tasks.stop()
         try:
             await self._save_pass_uses()
         finally:

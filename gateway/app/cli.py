@@ -39,7 +39,8 @@ def check_config(path: Annotated[Path, typer.Argument(help="Site YAML file.")]) 
     except ConfigError as exc:
         err.print(f"[red]{exc.source}: {len(exc.problems)} problem(s)[/red]")
         for problem in exc.problems:
-            err.print(f"  {problem}", markup=False, highlight=False)
+            # soft_wrap: one problem per line at any width, so it can be grepped and pasted.
+            err.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     typer.echo(
         f"{path}: OK (site {config.site.id}, {len(config.buildings)} buildings, "
@@ -76,27 +77,41 @@ def run(
     try:
         gateway = Gateway(load_config(config_path))
     except ConfigError as exc:
-        err.print(f"[red]cannot start: {exc}[/red]", highlight=False)
+        err.print(f"cannot start: {exc.source}: {len(exc.problems)} problem(s)", style="red",
+                  markup=False, highlight=False)
+        for problem in exc.problems:
+            err.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     asyncio.run(run_until_signal(gateway))
 
 
 @db_app.command("upgrade")
 def db_upgrade(
-    database_url: Annotated[
-        str | None, typer.Option(envvar="SCGW__DATABASE__URL", help="SQLAlchemy URL.")
+    config_path: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Site YAML (default ./site.yaml).")
     ] = None,
-    config_path: Annotated[Path | None, typer.Option("--config", "-c")] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option(envvar="SCGW__DATABASE__URL",
+                     help="Override the site file's database (SQLAlchemy URL)."),
+    ] = None,
 ) -> None:
-    """Create or migrate the database schema to the latest revision."""
+    """Create or migrate the database schema to the latest revision.
+
+    The database is the site file's, so the schema lands where `scgw run` and the import
+    will look; without a site file a `--database-url` must be given, never a default.
+    """
+    from gateway.config import operator_settings
     from gateway.store import db
 
-    url = database_url or (load_config(config_path).database.url if config_path else None)
-    if url is None:
-        err.print("give --database-url, SCGW__DATABASE__URL or --config")
-        raise typer.Exit(2)
+    try:
+        url = operator_settings(config_path, database_url=database_url).database_url
+    except ConfigError as exc:
+        for problem in exc.problems:
+            typer.echo(f"{exc.source}: {problem}", err=True)
+        raise typer.Exit(2) from None
     db.upgrade(url)
-    typer.echo(f"schema at {db.current_revision(url)}")
+    typer.echo(f"schema at {db.current_revision(url)} ({db.display_url(url)})")
 
 
 def _mount_subcommands() -> None:

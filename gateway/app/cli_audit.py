@@ -1,9 +1,13 @@
 """`scgw audit ...`: checks on the hash-chained access audit log.
 
 `verify` exits 0 when the chain is intact, 1 when it is broken (naming the first bad row),
-2 when it cannot check (no database, no audit table). Print the head it reports somewhere
-safe: passing it back as `--anchor ID:HASH` later also catches deleted newest rows and a
-recomputed chain.
+2 when it cannot check (no site file or database, no audit table). Print the head it
+reports somewhere safe: passing it back as `--anchor ID:HASH` later also catches deleted
+newest rows and a recomputed chain.
+
+The database comes from the site file (`--config`, default ./site.yaml) like every other
+operator command, so the check reads the database the gateway writes; `--database-url`
+only overrides it.
 """
 
 from __future__ import annotations
@@ -16,21 +20,32 @@ from sqlalchemy import Engine, create_engine, inspect
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.access.audit import audit_log, verify
-from gateway.config import DatabaseConfig
+from gateway.config import ConfigError, OperatorSettings, operator_settings
 from gateway.store.db import is_sqlite, make_engine
-
-DEFAULT_DATABASE_URL = DatabaseConfig().url
 
 app = typer.Typer(help="Tamper-evident access audit log.", no_args_is_help=True)
 
+ConfigPath = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Site YAML (default ./site.yaml): its database."),
+]
 DatabaseUrl = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--database-url",
         envvar="SCGW__DATABASE__URL",
-        help="SQLAlchemy URL of the gateway database.",
+        help="Override the site file's database (SQLAlchemy URL).",
     ),
 ]
+
+
+def _settings(config_path: Path | None, database_url: str | None) -> OperatorSettings:
+    try:
+        return operator_settings(config_path, database_url=database_url)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            typer.echo(f"{exc.source}: {problem}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.callback()
@@ -53,7 +68,8 @@ def _reading_engine(url: str) -> Engine:
 
 @app.command("verify")
 def verify_command(
-    database_url: DatabaseUrl = DEFAULT_DATABASE_URL,
+    config_path: ConfigPath = None,
+    database_url: DatabaseUrl = None,
     anchor: Annotated[
         str | None,
         typer.Option(help="ID:HASH of a row noted earlier; it must still be in the chain."),
@@ -61,6 +77,7 @@ def verify_command(
 ) -> None:
     """Check that no audit row was edited, deleted or inserted."""
     parsed_anchor = _parse_anchor(anchor) if anchor is not None else None
+    database_url = _settings(config_path, database_url).database_url
     if is_sqlite(database_url):
         path = database_url.split("///", 1)[-1]
         if not path or path == ":memory:" or not Path(path).exists():

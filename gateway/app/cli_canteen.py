@@ -2,7 +2,13 @@
 
 `settle` cross-checks its totals against the revenue account's entries and exits 1 if they
 differ, so a settlement that does not match the ledger is never handed over silently.
-Exit 2 means the report could not be made (no database, no ledger tables, bad option).
+Exit 2 means the report could not be made (no site file or database, no ledger tables, bad
+option).
+
+The database and the time zone the day is counted in come from the site file (`--config`,
+default ./site.yaml), the same ones the gateway uses; `--database-url` and `--tz` only
+override them. There is no built-in default: a settlement of the wrong database, or of a
+UTC day instead of the site's, would look plausible and be wrong.
 """
 
 from __future__ import annotations
@@ -18,27 +24,46 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.canteen import reports
 from gateway.canteen.tables import canteen_journal
-from gateway.config import DatabaseConfig
+from gateway.config import ConfigError, operator_settings
 from gateway.store.db import is_sqlite, make_engine
-
-DEFAULT_DATABASE_URL = DatabaseConfig().url
 
 app = typer.Typer(help="Canteen ledger: reconciliation and settlement.", no_args_is_help=True)
 
+ConfigPath = Annotated[
+    Path | None,
+    typer.Option("--config", "-c",
+                 help="Site YAML (default ./site.yaml): its database and time zone."),
+]
 DatabaseUrl = Annotated[
-    str,
+    str | None,
     typer.Option("--database-url", envvar="SCGW__DATABASE__URL",
-                 help="SQLAlchemy URL of the gateway database."),
+                 help="Override the site file's database (SQLAlchemy URL)."),
 ]
 Day = Annotated[str, typer.Option("--date", help="Calendar day, YYYY-MM-DD.")]
 TimeZone = Annotated[
-    str,
+    str | None,
     typer.Option("--tz", envvar="SCGW__SITE__TIMEZONE",
-                 help="IANA time zone the day is counted in (the site's)."),
+                 help="Override the site's IANA time zone the day is counted in."),
 ]
 Output = Annotated[
     Path | None, typer.Option("--output", "-o", help="Write the CSV here instead of stdout.")
 ]
+
+
+def _site(
+    config_path: Path | None, database_url: str | None, tz: str | None
+) -> tuple[str, tzinfo, str]:
+    """The database URL, the zone and a label naming where they came from."""
+    try:
+        settings = operator_settings(config_path, database_url=database_url, timezone=tz,
+                                     need_timezone=True)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            typer.echo(f"{exc.source}: {problem}", err=True)
+        raise typer.Exit(2) from None
+    assert settings.timezone is not None  # need_timezone: given, or from the site file
+    site = f"site {settings.site_id}, " if settings.site_id else ""
+    return settings.database_url, _parse_tz(settings.timezone), f"{site}{settings.timezone}"
 
 
 @app.callback()
@@ -92,11 +117,12 @@ def _emit(text: str, output: Path | None) -> None:
 
 @app.command("reconcile")
 def reconcile_command(
-    day: Day, database_url: DatabaseUrl = DEFAULT_DATABASE_URL, tz: TimeZone = "UTC",
-    output: Output = None,
+    day: Day, config_path: ConfigPath = None, database_url: DatabaseUrl = None,
+    tz: TimeZone = None, output: Output = None,
 ) -> None:
     """Offline sales posted that day that their purse could not cover, with the shortfall."""
-    when, zone = _parse_day(day), _parse_tz(tz)
+    when = _parse_day(day)
+    database_url, zone, label = _site(config_path, database_url, tz)
     engine = _engine(database_url)
     try:
         with _connect(engine) as conn:
@@ -108,17 +134,18 @@ def reconcile_command(
         engine.dispose()
     _emit(reports.reconcile_csv(rows), output)
     total = sum(r.shortfall_cents for r in rows)
-    typer.echo(f"{when}: {len(rows)} uncovered offline payment(s), shortfall {total} cents",
-               err=True)
+    typer.echo(f"{when} ({label}): {len(rows)} uncovered offline payment(s), "
+               f"shortfall {total} cents", err=True)
 
 
 @app.command("settle")
 def settle_command(
-    day: Day, database_url: DatabaseUrl = DEFAULT_DATABASE_URL, tz: TimeZone = "UTC",
-    output: Output = None,
+    day: Day, config_path: ConfigPath = None, database_url: DatabaseUrl = None,
+    tz: TimeZone = None, output: Output = None,
 ) -> None:
     """Per-terminal sales, refunds and net for the day; the TOTAL row equals the ledger."""
-    when, zone = _parse_day(day), _parse_tz(tz)
+    when = _parse_day(day)
+    database_url, zone, label = _site(config_path, database_url, tz)
     engine = _engine(database_url)
     try:
         with _connect(engine) as conn, conn.begin():
@@ -135,4 +162,5 @@ def settle_command(
     if net != ledger_net:
         typer.echo(f"settlement total {net} != ledger revenue {ledger_net} cents", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{when}: {len(rows)} terminal(s), net {net} cents, equals the ledger", err=True)
+    typer.echo(f"{when} ({label}): {len(rows)} terminal(s), net {net} cents, equals the ledger",
+               err=True)

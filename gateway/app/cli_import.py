@@ -2,7 +2,13 @@
 
 `residents` exits 0 when the file was imported (or, with --dry-run, would import cleanly),
 1 when any row is refused (every refused row is printed with its line; nothing is written),
-2 when it cannot run (file unreadable, no database, schema not migrated).
+2 when it cannot run (file unreadable, no site file or database, schema not migrated).
+
+The database comes from the site file (`--config`, default ./site.yaml), whose buildings
+and floors are synced too, exactly as `scgw db upgrade --config` and `scgw run --config`
+see it: an import that looked for a default `scgw.db` in the current directory refused to
+run after a perfectly good `db upgrade`. `--database-url` only overrides the site file's
+database; without any site file the import runs on the URL given and syncs no buildings.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from sqlalchemy import inspect
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.access.importer import import_residents, read_csv_file, summary
-from gateway.config import ConfigError, DatabaseConfig, SiteConfig, load_config
+from gateway.config import ConfigError, operator_settings
 from gateway.store.db import is_sqlite, make_engine
 from gateway.store.directory import units
 
@@ -38,26 +44,25 @@ def residents_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Check the file and show what would change.")
     ] = False,
-    database_url: Annotated[
-        str | None,
-        typer.Option("--database-url", envvar="SCGW__DATABASE__URL",
-                     help="SQLAlchemy URL of the gateway database."),
-    ] = None,
     config_path: Annotated[
         Path | None,
         typer.Option("--config", "-c",
-                     help="Site YAML: its database, and its buildings and floors are synced."),
+                     help="Site YAML (default ./site.yaml): its database, and its buildings "
+                          "and floors are synced."),
+    ] = None,
+    database_url: Annotated[
+        str | None,
+        typer.Option("--database-url", envvar="SCGW__DATABASE__URL",
+                     help="Override the site file's database (SQLAlchemy URL)."),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every change.")] = False,
 ) -> None:
     """Import units, residents and their cards; nothing is written unless every row is valid."""
-    config: SiteConfig | None = None
-    if config_path is not None:
-        try:
-            config = load_config(config_path)
-        except ConfigError as exc:
-            raise _fail(f"cannot use the site file: {exc}") from None
-    url = database_url or (config.database.url if config else DatabaseConfig().url)
+    try:
+        settings = operator_settings(config_path, database_url=database_url)
+    except ConfigError as exc:
+        raise _fail("\n".join(f"{exc.source}: {p}" for p in exc.problems)) from None
+    config, url = settings.config, settings.database_url
     try:
         text = read_csv_file(file.read_bytes())
     except OSError as exc:

@@ -1,9 +1,16 @@
-"""The gateway process: one asyncio TaskGroup owning MQTT, drivers and the API server.
+"""The gateway process: the composition root that wires drivers, services and the API.
+
+Every long-lived task runs under one Supervisor (device_drivers.supervision): a component
+that crashes is restarted with backoff, or, if it cannot stay up (or is the API server),
+takes the process down with a non-zero exit instead of leaving it looking healthy.
 
 Start-up order follows dependencies (store -> access index -> audit -> MQTT -> Modbus ->
 API); shutdown runs in reverse through one AsyncExitStack, so pending audit entries and
 in-flight payments are flushed before the database is let go. SIGTERM/SIGINT set the stop
 event; everything is down within a few seconds.
+
+Two MQTT sessions: `control` (access requests, payments, status, events, Modbus commands)
+and `telemetry`; a telemetry flood queues on its own socket and never ahead of a gate.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
 
+import aiomqtt
 import uvicorn
 from bleak.backends.scanner import BaseBleakScanner
 from fastapi import APIRouter
@@ -26,9 +34,16 @@ from sqlalchemy import Engine
 from api.app import create_app
 from api.context import ApiContext, JwtSettings
 from api.routers import all_extra_routers
+from api.services import ApiServices
 from device_drivers.ble import BleScanner, BleScannerConfig
-from device_drivers.mqtt import MqttLink
-from device_drivers.mqtt_protocol import device_topic, subscriptions
+from device_drivers.mqtt import MessageHandler, MqttLink
+from device_drivers.mqtt_protocol import (
+    control_subscriptions,
+    device_topic,
+    gateway_status_topic,
+    telemetry_subscriptions,
+)
+from device_drivers.supervision import ComponentFailed, SupervisedTask, Supervisor
 from gateway.access.audit import AuditLog
 from gateway.access.service import AccessService
 from gateway.canteen.terminals import CanteenService
@@ -41,6 +56,7 @@ from gateway.telemetry.bus import TelemetryBus
 from gateway.telemetry.latest import LatestReadings
 
 log = logging.getLogger(__name__)
+TELEMETRY_QUEUE = 20_000  # readings waiting for the handler before the session sheds
 
 
 class _ApiServer(uvicorn.Server):
@@ -65,7 +81,9 @@ class Gateway:
         self.started = asyncio.Event()
         self.api_port: int | None = None
         self.router: DeviceRouter | None = None
-        self.link: MqttLink | None = None
+        self.link: MqttLink | None = None  # the control session; answers go out here
+        self.telemetry_link: MqttLink | None = None
+        self.supervisor: Supervisor | None = None
         self._extra_routers = list(extra_routers)
         if config.api.enabled and config.api.jwt_secret is None:
             raise ConfigError(
@@ -73,7 +91,8 @@ class Gateway:
             )
 
     async def _publish(self, topic: str, payload: bytes) -> None:
-        assert self.link is not None
+        if self.link is None:
+            raise aiomqtt.MqttError("the gateway's MQTT link is not up yet")
         await self.link.publish(topic, payload)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -81,31 +100,34 @@ class Gateway:
         await asyncio.to_thread(db.upgrade, cfg.database.url)
         engine = db.make_engine(cfg.database.url)
         try:
-            async with AsyncExitStack() as stack:
-                await self._run_components(stack, engine, stop)
+            async with Supervisor("gateway") as supervisor, AsyncExitStack() as stack:
+                self.supervisor = supervisor
+                await self._run_components(stack, supervisor, engine, stop)
         finally:
             engine.dispose()
             log.info("gateway stopped")
 
     async def _run_components(
-        self, stack: AsyncExitStack, engine: Engine, stop: asyncio.Event
+        self, stack: AsyncExitStack, supervisor: Supervisor, engine: Engine, stop: asyncio.Event
     ) -> None:
         cfg = self.config
         devices = {d.device_id: d for d in cfg.devices}
-        access = await stack.enter_async_context(AccessService.from_config(engine, cfg))
-        audit = await stack.enter_async_context(AuditLog(engine))
+        access = await stack.enter_async_context(
+            AccessService.from_config(engine, cfg, supervisor=supervisor))
+        audit = await stack.enter_async_context(AuditLog(engine, supervisor=supervisor))
         observer = _AuditObserver(audit)
         payments = await stack.enter_async_context(
             CanteenService(engine, cfg, access, self._publish, observer.record)
         )
         for outcome in ("approved", "refused", "shortfall", "retry", "malformed"):
-            self.metrics.gauge(
+            self.metrics.counter_func(
                 f"scgw_canteen_payments_{outcome}_total",
                 f"Canteen payments answered: {outcome}.",
                 lambda o=outcome: float(payments.counts()[o]),  # type: ignore[misc]
             )
-        latest = await stack.enter_async_context(LatestReadings(self.bus, set(devices)))
-        modbus = await stack.enter_async_context(modbus_fleet(cfg, self.bus))
+        latest = await stack.enter_async_context(
+            LatestReadings(self.bus, set(devices), supervisor=supervisor))
+        modbus = await stack.enter_async_context(modbus_fleet(cfg, self.bus, supervisor))
         commands = await stack.enter_async_context(
             ModbusCommands(cfg.mqtt.root, modbus, self._publish)
         )
@@ -120,44 +142,70 @@ class Gateway:
             observer=observer,
             commands=commands,
         )
+        stack.push_async_callback(self.router.close)
         client_id = cfg.mqtt.client_id or f"scgw-{cfg.site.id}-{secrets.token_hex(3)}"
-        password = cfg.mqtt.password.get_secret_value() if cfg.mqtt.password else None
-        self.link = await stack.enter_async_context(
-            MqttLink(
-                host=cfg.mqtt.host,
-                port=cfg.mqtt.port,
-                client_id=client_id,
-                status_topic=f"{cfg.mqtt.root}/gateway/{cfg.site.id}/status",
-                subscriptions=[*subscriptions(cfg.mqtt.root), *commands.subscriptions()],
-                on_message=self.router.on_message,
-                username=cfg.mqtt.username,
-                password=password,
-                tls=cfg.mqtt.tls,
-                keepalive_s=cfg.mqtt.keepalive_s,
-                reconnect_min_s=cfg.mqtt.reconnect_min_s,
-                reconnect_max_s=cfg.mqtt.reconnect_max_s,
-            )
-        )
-        self.metrics.gauge(
-            "scgw_mqtt_connected", "1 while connected to the broker.",
-            lambda: float(self.link is not None and self.link.connected.is_set()),
-        )
-        await self._start_ble_readers(stack)
-        async with asyncio.TaskGroup() as tasks:
-            extras = {"modbus": modbus, "canteen": payments, "latest": latest, "audit": audit}
-            server = self._api_server(engine, access, extras) if cfg.api.enabled else None
-            if server is not None:
-                serving = tasks.create_task(server.serve(), name="api-server")
-                await _until_listening(server, serving)
-                self.api_port = server.servers[0].sockets[0].getsockname()[1]
-                log.info("API listening on http://%s:%d", cfg.api.host, self.api_port)
-            self.started.set()
-            await stop.wait()
-            log.info("stopping")
-            if server is not None:
-                server.should_exit = True
+        self.link = await stack.enter_async_context(self._mqtt_link(
+            f"{client_id}-ctl", [*control_subscriptions(cfg.mqtt.root), *commands.subscriptions()],
+            self.router.on_message, supervisor,
+            status_topic=gateway_status_topic(cfg.mqtt.root, cfg.site.id)))
+        self.telemetry_link = await stack.enter_async_context(self._mqtt_link(
+            f"{client_id}-tel", telemetry_subscriptions(cfg.mqtt.root), self.router.on_message,
+            supervisor, max_queued=TELEMETRY_QUEUE))
+        self._register_link_metrics()
+        await self._start_ble_readers(stack, supervisor)
+        services = ApiServices(access=access, audit=audit, canteen=payments.ledger,
+                               modbus=modbus, latest=latest, device_state=self.router.state)
+        server = self._api_server(engine, services) if cfg.api.enabled else None
+        serving: SupervisedTask | None = None
+        if server is not None:
+            serving = supervisor.spawn("api-server", server.serve, restart=False)
+            await _until_listening(server, serving)
+            self.api_port = server.servers[0].sockets[0].getsockname()[1]
+            log.info("API listening on http://%s:%d", cfg.api.host, self.api_port)
+        self.started.set()
+        await stop.wait()
+        log.info("stopping")
+        if server is not None and serving is not None:
+            server.should_exit = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(serving.join(), timeout=3.0)
 
-    async def _start_ble_readers(self, stack: AsyncExitStack) -> None:
+    def _mqtt_link(
+        self, client_id: str, topics: list[str], on_message: MessageHandler,
+        supervisor: Supervisor, *, status_topic: str | None = None,
+        max_queued: int = 100_000,
+    ) -> MqttLink:
+        mqtt = self.config.mqtt
+        return MqttLink(
+            host=mqtt.host,
+            port=mqtt.port,
+            client_id=client_id,
+            status_topic=status_topic,
+            subscriptions=topics,
+            on_message=on_message,
+            username=mqtt.username,
+            password=mqtt.password.get_secret_value() if mqtt.password else None,
+            tls=mqtt.tls,
+            keepalive_s=mqtt.keepalive_s,
+            reconnect_min_s=mqtt.reconnect_min_s,
+            reconnect_max_s=mqtt.reconnect_max_s,
+            max_queued=max_queued,
+            supervisor=supervisor,
+        )
+
+    def _register_link_metrics(self) -> None:
+        links = {"control": self.link, "telemetry": self.telemetry_link}
+        self.metrics.gauge(
+            "scgw_mqtt_connected", "1 while both MQTT sessions are connected to the broker.",
+            lambda: float(all(lk is not None and lk.connected.is_set() for lk in links.values())),
+        )
+        self.metrics.counter_func(
+            "scgw_telemetry_shed_total",
+            "Telemetry messages shed because the gateway could not keep up (flood).",
+            lambda: float(self.telemetry_link.shed if self.telemetry_link else 0),
+        )
+
+    async def _start_ble_readers(self, stack: AsyncExitStack, supervisor: Supervisor) -> None:
         """One scanner per reader with a BLE radio; a missing radio is logged, not fatal."""
         assert self.router is not None
         for device in self.config.devices:
@@ -171,15 +219,16 @@ class Gateway:
                 ),
                 self.router.on_ble_token,
                 backend=self._ble_backend,
+                supervisor=supervisor,
             )
             try:
                 await stack.enter_async_context(scanner)
             except Exception as exc:  # bleak raises backend-specific errors
                 log.error("BLE reader %s not started: %s", device.device_id, exc)
 
-    def _api_server(self, engine: Engine, access: Any, extras: dict[str, Any]) -> _ApiServer:
+    def _api_server(self, engine: Engine, services: ApiServices) -> _ApiServer:
         cfg = self.config
-        assert cfg.api.jwt_secret is not None and self.router is not None
+        assert cfg.api.jwt_secret is not None
         link = self.link
         ctx = ApiContext(
             config=cfg,
@@ -188,11 +237,9 @@ class Gateway:
                 cfg.api.jwt_secret.get_secret_value(), cfg.api.jwt_audience, cfg.api.token_ttl_s
             ),
             metrics=self.metrics,
-            access=access,
             publish=self._publish,
-            device_state=self.router.state,
             ready=lambda: link is not None and link.connected.is_set(),
-            extras=extras,
+            services=services,
         )
         app = create_app(ctx, [*all_extra_routers(), *self._extra_routers])
         config = uvicorn.Config(
@@ -206,10 +253,10 @@ class Gateway:
         return _ApiServer(config)
 
 
-async def _until_listening(server: _ApiServer, serving: asyncio.Task[None]) -> None:
+async def _until_listening(server: _ApiServer, serving: SupervisedTask) -> None:
     """Uvicorn offers a flag, not an event; a bind failure ends its task instead."""
     while not server.started:
-        if serving.done():
+        if not serving.running:
             raise ConfigError("api", ["the API server could not start (is the port in use?)"])
         await asyncio.sleep(0.02)
 
@@ -248,6 +295,14 @@ async def run_until_signal(gateway: Gateway, duration_s: float | None = None) ->
     started = time.monotonic()
     try:
         await gateway.run(stop)
+    except ExceptionGroup as group:
+        failed, _ = group.split(ComponentFailed)
+        if failed is None:
+            raise
+        names = ", ".join(sorted({e.name for e in failed.exceptions
+                                  if isinstance(e, ComponentFailed)}))
+        log.critical("gateway stopped because %s failed (see the traceback above)", names)
+        raise SystemExit(1) from None
     finally:
         remove()
         log.info("ran for %.1f s", time.monotonic() - started)

@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 
 from device_drivers.mqtt_protocol import device_topic
 from device_drivers.offline_sales import OfflineLimits
+from device_drivers.supervision import RequestTasks
 from device_drivers.vocabulary import Reason
 from gateway.access.service import AccessService
 from gateway.canteen.ledger import Ledger
@@ -54,7 +55,7 @@ class CanteenService:
         self._publish = publish
         self._observe = observe
         self._handlers: dict[str, PaymentHandler] = {}
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight = RequestTasks("canteen payments")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="canteen-ledger")
         self.ledger: Ledger | None = None
@@ -77,8 +78,7 @@ class CanteenService:
         tb: TracebackType | None,
     ) -> None:
         # Payments already taken from the broker are finished and answered, not dropped.
-        if self._inflight:
-            await asyncio.wait(self._inflight, timeout=SHUTDOWN_GRACE_S)
+        await self._inflight.close(SHUTDOWN_GRACE_S)
         # Anything still queued was never applied; the terminal's retry will be.
         self._worker.shutdown(wait=False, cancel_futures=True)
 
@@ -116,9 +116,8 @@ class CanteenService:
 
     async def handle(self, device: DeviceConfig, channel: str, payload: bytes) -> None:
         """Start handling; the MQTT reader moves on to the next message at once."""
-        task = asyncio.create_task(self._handle(device, channel, payload))
-        self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        if not self._inflight.start(self._handle(device, channel, payload)):
+            log.error("canteen: too many payments in flight; %s will retry", device.device_id)
 
     async def _handle(self, device: DeviceConfig, channel: str, payload: bytes) -> None:
         handler = self._handler(device)

@@ -8,7 +8,6 @@ Broker ACLs decide who may publish there.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import math
@@ -18,32 +17,42 @@ from typing import Any
 from device_drivers import mqtt_protocol as proto
 from device_drivers.modbus.errors import ModbusError, UnknownDevice, WriteRefused
 from device_drivers.modbus.fleet import ModbusDeviceSpec, ModbusFleet
-from gateway.config import DeviceConfig, SiteConfig
+from device_drivers.supervision import RequestTasks, Supervisor
+from gateway.config import DeviceConfig, ModbusRtuConfig, ModbusTcpConfig, SiteConfig
 from gateway.telemetry.bus import TelemetryBus
 
 log = logging.getLogger(__name__)
 
 
 def device_specs(config: SiteConfig) -> list[ModbusDeviceSpec]:
-    return [
-        ModbusDeviceSpec(
-            device_id=d.device_id,
-            kind=d.kind,
-            profile=d.profile,
-            host=d.host,
-            port=d.port,
-            unit_id=d.unit_id,
-            poll_interval_s=d.poll_interval_s,
-            baudrate=d.baudrate,
-        )
-        for d in config.devices
-        if d.profile is not None and d.port is not None
-    ]
+    """The polled units of the site file, each with its transport's own settings.
+
+    Every key of a unit's entry reaches the driver: a parity or timeout that is accepted
+    by check-config but silently replaced by a default would poll with the wrong settings.
+    """
+    specs = []
+    for d in config.devices:
+        if isinstance(d, ModbusTcpConfig):
+            specs.append(ModbusDeviceSpec(
+                device_id=d.device_id, kind=d.kind, profile=d.profile, host=d.host,
+                port=d.port, unit_id=d.unit_id, poll_interval_s=d.poll_interval_s,
+                timeout_s=d.timeout_s, retries=d.retries,
+            ))
+        elif isinstance(d, ModbusRtuConfig):
+            specs.append(ModbusDeviceSpec(
+                device_id=d.device_id, kind=d.kind, profile=d.profile, host=None,
+                port=d.port, unit_id=d.unit_id, poll_interval_s=d.poll_interval_s,
+                timeout_s=d.timeout_s, retries=d.retries, baudrate=d.baudrate,
+                parity=d.parity, stopbits=d.stopbits, bytesize=d.bytesize,
+            ))
+    return specs
 
 
 @contextlib.asynccontextmanager
-async def modbus_fleet(config: SiteConfig, bus: TelemetryBus) -> AsyncIterator[ModbusFleet]:
-    async with ModbusFleet(device_specs(config), bus.publish) as fleet:
+async def modbus_fleet(
+    config: SiteConfig, bus: TelemetryBus, supervisor: Supervisor | None = None
+) -> AsyncIterator[ModbusFleet]:
+    async with ModbusFleet(device_specs(config), bus.publish, supervisor=supervisor) as fleet:
         yield fleet
 
 
@@ -88,24 +97,21 @@ class ModbusCommands:
         self._root = root
         self._fleet = fleet
         self._publish = publish
-        self._running: set[asyncio.Task[None]] = set()
+        self._running = RequestTasks("modbus set commands", limit=1000)
 
     async def __aenter__(self) -> ModbusCommands:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        for task in self._running:
-            task.cancel()
-        await asyncio.gather(*self._running, return_exceptions=True)
+        await self._running.close(grace_s=0.5)
 
     def subscriptions(self) -> list[str]:
         return [proto.device_topic(self._root, d, "command") for d in self._fleet.device_ids]
 
     async def handle(self, device: DeviceConfig, payload: bytes) -> None:
         """Start the command; a slow or dead unit must not hold up the MQTT reader."""
-        task = asyncio.create_task(self._execute(device, payload), name=f"set-{device.device_id}")
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        if not self._running.start(self._execute(device, payload), f"set-{device.device_id}"):
+            log.warning("set command for %s refused: too many in flight", device.device_id)
 
     async def _execute(self, device: DeviceConfig, payload: bytes) -> None:
         data = proto.load_object(payload)

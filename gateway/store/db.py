@@ -12,7 +12,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def upgrade(url: str, revision: str = "heads") -> None:
+def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database schema to `revision` (idempotent)."""
     if is_sqlite(url):
         path = url.split("///", 1)[-1]
@@ -67,12 +67,22 @@ def upgrade(url: str, revision: str = "heads") -> None:
 
 
 def current_revision(url: str) -> str | None:
+    """The revision the database is at; several heads (a branched history) joined by '+'.
+
+    Never raises for several heads: it reports what is there, so a database stamped by an
+    old branched history can still be inspected.
+    """
     from alembic.runtime.migration import MigrationContext
 
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            rev: str | None = MigrationContext.configure(conn).get_current_revision()
-            return rev
+            heads = MigrationContext.configure(conn).get_current_heads()
     finally:
         engine.dispose()
+    return "+".join(sorted(heads)) or None
+
+
+def display_url(url: str) -> str:
+    """The URL with any password masked, for messages."""
+    return make_url(url).render_as_string(hide_password=True)

@@ -6,27 +6,29 @@ Bounded by the device registry: one entry per configured device, nothing else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from types import TracebackType
 
+from device_drivers.supervision import ComponentTasks, Supervisor
 from device_drivers.vocabulary import Reading
 from gateway.telemetry.bus import TelemetryBus
 
 
 class LatestReadings:
-    def __init__(self, bus: TelemetryBus, device_ids: set[str]) -> None:
+    def __init__(self, bus: TelemetryBus, device_ids: set[str],
+                 supervisor: Supervisor | None = None) -> None:
         self._bus = bus
         self._device_ids = device_ids
         self._latest: dict[str, Reading] = {}
         self._queue: asyncio.Queue[Reading] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks = ComponentTasks(supervisor, "latest-readings")
 
     def get(self, device_id: str) -> Reading | None:
         return self._latest.get(device_id)
 
     async def __aenter__(self) -> LatestReadings:
         self._queue = self._bus.subscribe()
-        self._task = asyncio.create_task(self._run(), name="latest-readings")
+        await self._tasks.start()
+        self._tasks.spawn("latest-readings", self._run)
         return self
 
     async def __aexit__(
@@ -35,10 +37,7 @@ class LatestReadings:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._tasks.stop()
         if self._queue is not None:
             self._bus.unsubscribe(self._queue)
 

@@ -1,0 +1,44 @@
+"""Route dependencies for the gateway services a route cannot work without.
+
+A service that is not running in this process (a test app, a gateway without Modbus) is a
+503 naming the service, never an AttributeError turned into a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, HTTPException, status
+
+from api.auth import Ctx
+from api.services import AccessControl, CanteenLedger, LatestReadings, ModbusControl
+
+T = TypeVar("T")
+
+
+def _running(service: T | None, what: str) -> T:
+    if service is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=f"{what} is not running")
+    return service
+
+
+def access_service(ctx: Ctx) -> AccessControl:
+    return _running(ctx.services.access, "access control")
+
+
+def canteen_ledger(ctx: Ctx) -> CanteenLedger:
+    return _running(ctx.services.canteen, "the canteen")
+
+
+def modbus_control(ctx: Ctx) -> ModbusControl:
+    return _running(ctx.services.modbus, "Modbus")
+
+
+def latest_readings(ctx: Ctx) -> LatestReadings:
+    return _running(ctx.services.latest, "live telemetry")
+
+
+Access = Annotated[AccessControl, Depends(access_service)]
+LedgerDep = Annotated[CanteenLedger, Depends(canteen_ledger)]
+Modbus = Annotated[ModbusControl, Depends(modbus_control)]
+Latest = Annotated[LatestReadings, Depends(latest_readings)]

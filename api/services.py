@@ -1,0 +1,185 @@
+"""The gateway services the API uses, declared here as the API sees them.
+
+The API sits above the services in the layering, so it names only the calls its routes make,
+as Protocols; the composition root (gateway.app) passes in the real objects, and tests may
+pass a real service or a small stand-in. A service that is not running is None, and the
+routes that need it answer 503 instead of failing on an attribute.
+
+Which gateway classes satisfy these: AccessControl - gateway.access.service.AccessService;
+DecisionAudit - gateway.access.audit.AuditLog; CanteenLedger - gateway.canteen.ledger.Ledger;
+ModbusControl - device_drivers.modbus.fleet.ModbusFleet; LatestReadings -
+gateway.telemetry.latest.LatestReadings; DeviceStatus - gateway.devices.router.DeviceState.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, tzinfo
+from typing import Protocol
+
+from device_drivers.vocabulary import Reading
+from gateway.canteen.reports import HistoryItem, SettlementRow, ShortfallRow
+
+# --- access -------------------------------------------------------------------------------
+
+
+class IssuedQr(Protocol):
+    """A QR token for a phone's or a visitor's screen."""
+
+    @property
+    def qr(self) -> str: ...
+    @property
+    def expires_at(self) -> float: ...
+    @property
+    def credential_id(self) -> str: ...
+
+
+class RemoteDecision(Protocol):
+    """An access decision for a remote open: what the route answers with, plus what the
+    audit log records (a remote open is audited like a credential at the reader)."""
+
+    @property
+    def granted(self) -> bool: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def floors(self) -> Sequence[int] | None: ...
+    @property
+    def duration_s(self) -> int: ...
+    @property
+    def resident_id(self) -> str | None: ...
+    @property
+    def credential_ref(self) -> str | None: ...
+    @property
+    def credential_type(self) -> str | None: ...
+    @property
+    def visitor_pass_id(self) -> str | None: ...
+
+
+class AccessControl(Protocol):
+    """The access service: the same rules as at the reader, and its in-memory index."""
+
+    def issue_qr(self, resident_id: str, now: float) -> IssuedQr | None: ...
+
+    def issue_visitor_qr(self, pass_id: str, now: float) -> IssuedQr | None: ...
+
+    def check_remote(self, resident_id: str, device_id: str, now: float) -> RemoteDecision: ...
+
+    async def refresh_now(self) -> None:
+        """Reload from the store, so the next decision obeys a write the API just made."""
+
+
+class DecisionAudit(Protocol):
+    """The hash-chained audit log of access decisions."""
+
+    def record_decision(
+        self, device_id: str, device_kind: str, decision: RemoteDecision, now: float,
+        request_id: str | None = None,
+    ) -> None: ...
+
+
+# --- canteen ------------------------------------------------------------------------------
+
+
+class Receipt(Protocol):
+    """A top-up or refund as committed (or as first committed, when `replayed`)."""
+
+    @property
+    def journal_id(self) -> int: ...
+    @property
+    def account_id(self) -> str: ...
+    @property
+    def amount_cents(self) -> int: ...
+    @property
+    def balance_cents(self) -> int: ...
+    @property
+    def replayed(self) -> bool: ...
+
+
+class CanteenLedger(Protocol):
+    """The purses. Calls block on the database: routes run them in a worker thread.
+
+    topup and refund raise the ledger's LedgerError subclasses (gateway.canteen.postings)
+    for requests it refuses; their messages are safe to show to staff.
+    """
+
+    def balance(self, account_id: str) -> int: ...
+
+    def history(self, account_id: str, limit: int) -> Sequence[HistoryItem]: ...
+
+    def topup(self, account_id: str, amount_cents: int, idempotency_key: str) -> Receipt: ...
+
+    def refund(
+        self, account_id: str, terminal_id: str, txn_id: str, amount_cents: int,
+        idempotency_key: str,
+    ) -> Receipt: ...
+
+    def reconcile(self, day: date, tz: tzinfo) -> Sequence[ShortfallRow]: ...
+
+    def settle(self, day: date, tz: tzinfo) -> Sequence[SettlementRow]: ...
+
+
+# --- devices ------------------------------------------------------------------------------
+
+
+class RegisterInfo(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def input_type(self) -> str: ...
+    @property
+    def unit(self) -> str: ...
+    @property
+    def writable(self) -> bool: ...
+    @property
+    def min(self) -> float | None: ...
+    @property
+    def max(self) -> float | None: ...
+
+
+class UnitProfile(Protocol):
+    @property
+    def registers(self) -> Sequence[RegisterInfo]: ...
+
+
+class ModbusControl(Protocol):
+    """The Modbus fleet. `write` checks values against the profile before sending and raises
+    device_drivers.modbus.errors: UnknownDevice, WriteRefused, or another ModbusError."""
+
+    @property
+    def device_ids(self) -> Sequence[str]: ...
+
+    def profile(self, device_id: str) -> UnitProfile: ...
+
+    async def write(self, device_id: str, values: Mapping[str, float]) -> Mapping[str, float]: ...
+
+
+class LatestReadings(Protocol):
+    def get(self, device_id: str) -> Reading | None: ...
+
+
+class DeviceStatus(Protocol):
+    """What the device router last heard from a device over MQTT."""
+
+    @property
+    def online(self) -> bool | None: ...
+    @property
+    def last_seen(self) -> float | None: ...
+
+
+# --- the set the API is given -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiServices:
+    """One field per service; None where that service is not running in this process."""
+
+    access: AccessControl | None = None
+    audit: DecisionAudit | None = None
+    canteen: CanteenLedger | None = None
+    modbus: ModbusControl | None = None
+    latest: LatestReadings | None = None
+    device_state: Mapping[str, DeviceStatus] = field(default_factory=dict)
