@@ -4,6 +4,11 @@ Every problem is reported at once with its key path, the YAML line it came from 
 was expected, because the person reading it is in a machine room with a broken gateway.
 Secrets (broker password, JWT signing key) come only from the environment
 (`SCGW__MQTT__PASSWORD`, `SCGW__API__JWT_SECRET`); a secret found in the file is an error.
+
+A `devices:` entry is one of three shapes (MQTT device, Modbus TCP unit, Modbus RTU unit),
+chosen from its keys before validation, so each shape allows only its own keys (an RTU
+parity on a TCP unit is an error, not silently ignored) and an error names one key of the
+shape the operator meant rather than why every shape failed.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from device_drivers.vocabulary import DEVICE_ID_PATTERN, MODBUS_KINDS, DeviceKind
 
 ENV_PREFIX = "SCGW__"
 SECRET_KEYS = {("mqtt", "password"), ("api", "jwt_secret")}
+CROSS_REFERENCE = "cross_reference"  # error type of checks across entries
 DEFAULT_SITE_FILE = "site.yaml"
 """What operator commands read when not given `--config` (as `scgw run` does)."""
 
@@ -309,42 +316,57 @@ class SiteConfig(_Strict):
 
     @model_validator(mode="after")
     def _cross_references(self) -> SiteConfig:
-        problems = []
-        ids = [d.device_id for d in self.devices]
-        for dup in sorted({i for i in ids if ids.count(i) > 1}):
-            problems.append(f"device_id {dup!r} is used more than once")
+        """Checks across entries, each reported at the entry it is about.
+
+        Raised as a ValidationError with the entry's key path (not one ValueError for the
+        whole file) so check-config can name the line of the offending device.
+        """
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        first_index: dict[str, int] = {}
         building_ids = {b.id for b in self.buildings}
-        for device in self.devices:
+        known = ", ".join(sorted(building_ids)) or "none defined under `buildings`"
+        for i, device in enumerate(self.devices):
+            first = first_index.setdefault(device.device_id, i)
+            if first != i:
+                problems.append((("devices", i, "device_id"),
+                                 f"device_id {device.device_id!r} is used more than once "
+                                 f"(first at devices.{first})"))
             if device.building is not None and device.building not in building_ids:
-                problems.append(
-                    f"device {device.device_id!r} names unknown building {device.building!r}"
-                    f" (known: {sorted(building_ids)})"
-                )
+                problems.append((("devices", i, "building"),
+                                 f"unknown building {device.building!r} (known: {known})"))
             if device.kind == "elevator" and device.building is None:
-                problems.append(f"elevator {device.device_id!r} needs `building`")
+                problems.append((("devices", i, "building"), "an elevator needs `building`"))
         problems.extend(_serial_line_conflicts(self.devices))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type=PydanticCustomError(CROSS_REFERENCE, message), loc=loc,
+                                 input=None)
+                for loc, message in sorted(problems, key=lambda p: p[0][1])  # by entry
+            ])
         return self
 
     def device(self, device_id: str) -> AnyDevice | None:
         return next((d for d in self.devices if d.device_id == device_id), None)
 
 
-def _serial_line_conflicts(devices: list[AnyDevice]) -> list[str]:
+def _serial_line_conflicts(
+    devices: list[AnyDevice],
+) -> list[tuple[tuple[str | int, ...], str]]:
     """Units on one serial port share one line, opened once: its settings must agree."""
-    lines: dict[str, ModbusRtuConfig] = {}
-    problems = []
-    for device in devices:
+    lines: dict[str, tuple[int, ModbusRtuConfig]] = {}
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    names = ("baudrate", "parity", "stopbits", "bytesize")
+    for i, device in enumerate(devices):
         if not isinstance(device, ModbusRtuConfig):
             continue
-        first = lines.setdefault(device.port, device)
-        if first.line_settings != device.line_settings:
-            problems.append(
-                f"devices {first.device_id!r} and {device.device_id!r} share serial port "
-                f"{device.port!r} but differ in baudrate/parity/stopbits/bytesize "
-                f"({first.line_settings} vs {device.line_settings})"
-            )
+        j, first = lines.setdefault(device.port, (i, device))
+        differ = [f"{name} {a} vs {b}" for name, a, b in
+                  zip(names, first.line_settings, device.line_settings, strict=True) if a != b]
+        if differ:
+            problems.append((("devices", i, "port"),
+                             f"serial port {device.port!r} is also used by devices.{j} "
+                             f"({first.device_id}) with other line settings: "
+                             f"{', '.join(differ)}"))
     return problems
 
 
@@ -454,6 +476,8 @@ def _describe(
             message = str(error["ctx"]["error"]) if "ctx" in error else message
         elif error["type"] == "model_type":
             message = f"expected a mapping of keys (got {error['input']!r})"
+        elif error["type"] == CROSS_REFERENCE:
+            pass  # the message names the value itself
         elif "input" in error and not isinstance(error["input"], dict | list):
             message = f"{message} (got {error['input']!r})"
         problems.append(f"{where}: {dotted}: {message}")

@@ -31,6 +31,7 @@ from typing import Any
 
 import aiomqtt
 
+from device_drivers.mqtt_protocol import device_topic
 from device_drivers.offline_sales import DEFAULT_LIMITS, OfflineExposure, OfflineLimits
 from device_drivers.tokens import parse_ble_hex, parse_qr
 from device_drivers.vocabulary import Credential
@@ -93,7 +94,7 @@ class CanteenTerminal:
     _session: str = field(default_factory=lambda: secrets.token_hex(3))
 
     def topic(self, channel: str) -> str:
-        return f"{self.root}/devices/{self.device_id}/{channel}"
+        return device_topic(self.root, self.device_id, channel)
 
     async def __aenter__(self) -> CanteenTerminal:
         self._stack = contextlib.AsyncExitStack()

@@ -13,16 +13,17 @@ from collections.abc import AsyncIterator, Sequence
 import aiomqtt
 
 from device_drivers.mqtt import NO_DELAY
+from device_drivers.mqtt_protocol import device_topic, encode
 
-ONLINE = b'{"online":true}'
-OFFLINE = b'{"online":false}'
+ONLINE = encode({"online": True})
+OFFLINE = encode({"online": False})
 
 
 @contextlib.asynccontextmanager
 async def device_connection(
     host: str, port: int, root: str, device_id: str, channels: Sequence[str]
 ) -> AsyncIterator[aiomqtt.Client]:
-    status = f"{root}/devices/{device_id}/status"
+    status = device_topic(root, device_id, "status")
     async with aiomqtt.Client(
         host,
         port,
@@ -31,7 +32,7 @@ async def device_connection(
         socket_options=NO_DELAY,
     ) as client:
         for channel in channels:
-            await client.subscribe(f"{root}/devices/{device_id}/{channel}", qos=1)
+            await client.subscribe(device_topic(root, device_id, channel), qos=1)
         await client.publish(status, ONLINE, qos=1, retain=True)
         try:
             yield client

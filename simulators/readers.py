@@ -20,6 +20,7 @@ from typing import Any
 
 import aiomqtt
 
+from device_drivers.mqtt_protocol import device_topic
 from simulators.device_link import device_connection
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class ReaderSimulator:
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def topic(self, channel: str) -> str:
-        return f"{self.root}/devices/{self.device_id}/{channel}"
+        return device_topic(self.root, self.device_id, channel)
 
     async def __aenter__(self) -> ReaderSimulator:
         self._stack = contextlib.AsyncExitStack()

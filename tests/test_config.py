@@ -83,9 +83,11 @@ def test_cross_references_are_checked() -> None:
     )
     with pytest.raises(ConfigError) as info:
         parse_config(text, environ={})
-    text_all = " ".join(info.value.problems)
-    assert "device_id 'e1' is used more than once" in text_all
-    assert "unknown building 'b9'" in text_all
+    assert info.value.problems == [
+        "line 4: devices.0.building: unknown building 'b9' (known: b1)",
+        "line 5: devices.1.device_id: device_id 'e1' is used more than once (first at "
+        "devices.0)",
+    ]
 
 
 def test_modbus_device_needs_a_transport() -> None:
@@ -173,7 +175,10 @@ def test_units_on_one_serial_line_agree_on_its_settings() -> None:
     )
     with pytest.raises(ConfigError) as info:
         parse_config(text, environ={})
-    assert "'m1' and 'm2' share serial port '/dev/ttyUSB1'" in info.value.problems[0]
+    assert info.value.problems == [
+        "line 4: devices.1.port: serial port '/dev/ttyUSB1' is also used by devices.0 (m1) "
+        "with other line settings: baudrate 19200 vs 9600"
+    ]
 
 
 def test_every_rtu_setting_reaches_the_driver() -> None:

@@ -21,7 +21,7 @@ StaffOrEngineer = Annotated[User, Depends(require_roles(Role.STAFF, Role.ENGINEE
 class PrometheusText(PlainTextResponse):
     """Declares Prometheus' own content type, so /openapi.json names it too."""
 
-    media_type = "text/plain; version=0.0.4"
+    media_type = "text/plain; version=0.0.4"  # the text format generate_latest() writes
 
 
 _DASHBOARD = Path(__file__).parents[1] / "static" / "dashboard.html"

@@ -117,7 +117,7 @@ class Gateway:
         audit = await stack.enter_async_context(AuditLog(engine, supervisor=supervisor))
         observer = _AuditObserver(audit)
         payments = await stack.enter_async_context(
-            CanteenService(engine, cfg, access, self._publish, observer.record)
+            CanteenService(engine, cfg, access, self._publish, observer.record, self.metrics)
         )
         for outcome in ("approved", "refused", "shortfall", "retry", "malformed"):
             self.metrics.counter_func(

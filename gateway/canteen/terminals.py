@@ -30,6 +30,7 @@ from gateway.access.service import AccessService
 from gateway.canteen.ledger import Ledger
 from gateway.canteen.payments import PaymentHandler
 from gateway.config import DeviceConfig, SiteConfig
+from gateway.metrics import Registry
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,17 @@ class CanteenService:
         access: AccessService,
         publish: Publish,
         observe: Observe | None = None,
+        metrics: Registry | None = None,
     ) -> None:
         self._engine = engine
         self._config = config
         self._access = access
         self._publish = publish
         self._observe = observe
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.histogram("scgw_canteen_payment_seconds",
+                              "Time from a payment message's arrival to its answer being sent.")
         self._handlers: dict[str, PaymentHandler] = {}
         self._inflight = RequestTasks("canteen payments")
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +127,7 @@ class CanteenService:
 
     async def _handle(self, device: DeviceConfig, channel: str, payload: bytes) -> None:
         handler = self._handler(device)
+        started = time.perf_counter()
         try:
             reply = await self._in_worker(handler.handle, device.device_id, channel, payload)
         except Exception:
@@ -131,6 +138,9 @@ class CanteenService:
         topic = device_topic(self._config.mqtt.root, device.device_id, reply.channel)
         try:
             await self._publish(topic, reply.payload)
+            if self._metrics is not None:
+                self._metrics.observe("scgw_canteen_payment_seconds",
+                                      time.perf_counter() - started)
         except Exception:
             # The ledger holds the result; the terminal's retry gets it from there.
             log.warning("could not answer %s on %s", device.device_id, reply.channel)
