@@ -11,7 +11,13 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, HTTPException, status
 
 from api.auth import Ctx
-from api.services import AccessControl, CanteenLedger, LatestReadings, ModbusControl
+from api.services import (
+    AccessControl,
+    CanteenLedger,
+    EnergySeries,
+    LatestReadings,
+    ModbusControl,
+)
 
 T = TypeVar("T")
 
@@ -42,3 +48,10 @@ Access = Annotated[AccessControl, Depends(access_service)]
 LedgerDep = Annotated[CanteenLedger, Depends(canteen_ledger)]
 Modbus = Annotated[ModbusControl, Depends(modbus_control)]
 Latest = Annotated[LatestReadings, Depends(latest_readings)]
+
+
+def energy_series(ctx: Ctx) -> EnergySeries:
+    return _running(ctx.services.energy, "the energy store")
+
+
+Energy = Annotated[EnergySeries, Depends(energy_series)]

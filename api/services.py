@@ -8,7 +8,8 @@ routes that need it answer 503 instead of failing on an attribute.
 Which gateway classes satisfy these: AccessControl - gateway.access.service.AccessService;
 DecisionAudit - gateway.access.audit.AuditLog; CanteenLedger - gateway.canteen.ledger.Ledger;
 ModbusControl - device_drivers.modbus.fleet.ModbusFleet; LatestReadings -
-gateway.telemetry.latest.LatestReadings; DeviceStatus - gateway.devices.router.DeviceState.
+gateway.telemetry.latest_store.LatestCache; DeviceStatus - gateway.devices.router.DeviceState;
+EnergySeries - gateway.telemetry.series.SeriesQuery.
 """
 
 from __future__ import annotations
@@ -161,6 +162,43 @@ class LatestReadings(Protocol):
     def get(self, device_id: str) -> Reading | None: ...
 
 
+# --- energy (the local telemetry store) ---------------------------------------------------
+
+
+class SeriesPoint(Protocol):
+    @property
+    def ts(self) -> float: ...
+    @property
+    def min(self) -> float: ...
+    @property
+    def max(self) -> float: ...
+    @property
+    def mean(self) -> float: ...
+    @property
+    def last(self) -> float: ...
+    @property
+    def count(self) -> int: ...
+
+
+class SeriesAnswer(Protocol):
+    @property
+    def unit(self) -> str: ...
+    @property
+    def points(self) -> Sequence[SeriesPoint]: ...
+
+
+class EnergySeries(Protocol):
+    """1-minute rollups read back as a series (gateway.telemetry.series.SeriesQuery).
+
+    Blocks on the database: routes run it in a worker thread. Raises LookupError when the
+    selector names no known device, building, kind or site, and ValueError for a range it
+    cannot answer (start >= end, a bad step, too many points); both messages are safe to show.
+    """
+
+    def series(self, *, device_id: str, metric: str, start: float, end: float,
+               step: int) -> SeriesAnswer: ...
+
+
 class DeviceStatus(Protocol):
     """What the device router last heard from a device over MQTT."""
 
@@ -182,4 +220,5 @@ class ApiServices:
     canteen: CanteenLedger | None = None
     modbus: ModbusControl | None = None
     latest: LatestReadings | None = None
+    energy: EnergySeries | None = None
     device_state: Mapping[str, DeviceStatus] = field(default_factory=dict)

@@ -32,6 +32,8 @@ def gateway_process(
     work: Path,
     extra_devices: list[dict[str, Any]] | None = None,
     purse_cents: int = 0,
+    site_extra: dict[str, Any] | None = None,
+    processes: list[subprocess.Popen[bytes]] | None = None,
 ) -> Iterator[DemoPeople]:
     """A seeded database and `scgw run` as a child process; yields the demo people."""
     db_url = f"sqlite:///{work / f'bench-{broker.port}.db'}"
@@ -42,6 +44,7 @@ def gateway_process(
         "api": {"enabled": False},
         "buildings": BUILDINGS,
         "devices": [*READERS, *(extra_devices or [])],
+        **(site_extra or {}),
     }
     config_path = work / f"site-{broker.port}.yaml"
     config_path.write_text(yaml.safe_dump(site))
@@ -58,6 +61,8 @@ def gateway_process(
         [sys.executable, "-m", "gateway.app.cli", "run", "--config", str(config_path)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    if processes is not None:
+        processes.append(proc)
     try:
         yield people
     finally:

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from device_drivers.vocabulary import CREDENTIAL_TYPES, DEVICE_ID_RE, Credential
+from device_drivers.vocabulary import CREDENTIAL_TYPES, DEVICE_ID_RE, Credential, Reading
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_ID_LEN = 128
@@ -174,6 +174,14 @@ def decision_payload(
             "ts": ts,
         }
     )
+
+
+def telemetry_payload(reading: Reading) -> bytes:
+    """A reading as a device publishes it (CONTRACT.md section 1, `telemetry`)."""
+    body: dict[str, Any] = {"ts": reading.ts, "metrics": dict(reading.metrics)}
+    if reading.seq is not None:
+        body["seq"] = reading.seq
+    return encode(body)
 
 
 def denial_payload(request_id: str, reason: str, ts: float) -> bytes:

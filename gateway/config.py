@@ -2,8 +2,10 @@
 
 Every problem is reported at once with its key path, the YAML line it came from and what
 was expected, because the person reading it is in a machine room with a broken gateway.
-Secrets (broker password, JWT signing key) come only from the environment
-(`SCGW__MQTT__PASSWORD`, `SCGW__API__JWT_SECRET`); a secret found in the file is an error.
+Secrets (broker password, JWT signing key, InfluxDB token and password) come only from the
+environment (`SCGW__MQTT__PASSWORD`, `SCGW__API__JWT_SECRET`, `SCGW__INFLUXDB__TOKEN`,
+`SCGW__INFLUXDB__PASSWORD`); a secret found in the file is an error, because site files get
+copied into tickets and version control.
 
 A `devices:` entry is one of three shapes (MQTT device, Modbus TCP unit, Modbus RTU unit),
 chosen from its keys before validation, so each shape allows only its own keys (an RTU
@@ -18,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -38,7 +41,11 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from device_drivers.vocabulary import DEVICE_ID_PATTERN, MODBUS_KINDS, DeviceKind
 
 ENV_PREFIX = "SCGW__"
-SECRET_KEYS = {("mqtt", "password"), ("api", "jwt_secret")}
+SECRET_KEYS = {("mqtt", "password"), ("api", "jwt_secret"), ("influxdb", "token"),
+               ("influxdb", "password")}
+STRING_KEYS = SECRET_KEYS | {("mqtt", "username"), ("influxdb", "username")}
+"""Environment values kept as given: a user name `0123` or `yes` must not become a number or
+a boolean the way other overrides (`SCGW__API__PORT=9001`) are read as YAML scalars."""
 CROSS_REFERENCE = "cross_reference"  # error type of checks across entries
 DEFAULT_SITE_FILE = "site.yaml"
 """What operator commands read when not given `--config` (as `scgw run` does)."""
@@ -109,6 +116,144 @@ class AccessConfig(_Strict):
 class CanteenConfig(_Strict):
     offline_limit_per_card_cents: int = Field(default=5000, ge=0)
     offline_limit_per_terminal_cents: int = Field(default=200000, ge=0)
+
+
+class TelemetryConfig(_Strict):
+    """The durable spool between ingest and the sinks, and the local store's retention.
+
+    Bounds are where a value stops making sense rather than taste: an fsync interval above a
+    minute puts more readings at risk on a power cut than anyone would accept, and a
+    retention past ten years is a typo for a rollup table on an edge box.
+    """
+
+    spool_dir: Path | None = None  # None: beside the database (SiteConfig.spool_directory)
+    spool_max_mb: int = Field(default=512, ge=1)  # full: the oldest readings are dropped, counted
+    fsync_interval_s: float = Field(default=1.0, gt=0, le=60)  # at most this is lost on kill -9
+    local_retention_days: int = Field(default=30, ge=1, le=3650)  # 1-minute rollups kept
+
+    @field_validator("spool_dir", mode="before")
+    @classmethod
+    def _not_blank(cls, value: Any) -> Any:
+        """`spool_dir: ""` would become `.`, the working directory: never what was meant."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("a directory path (or leave the key out: beside the database)")
+        return value
+
+    @property
+    def spool_max_bytes(self) -> int:
+        return self.spool_max_mb << 20
+
+
+_V2_ONLY = "is for api v2 (influxdb-client); api v1 writes to `database` with username/password"
+
+
+class InfluxConfig(_Strict):
+    """Where telemetry and alerts go besides the local store (CONTRACT.md section 4).
+
+    Each key belongs to one API, and a key of the other one is an error rather than silently
+    ignored: an operator who sets `bucket` on v1 believes the data lands in that bucket. The
+    checks are field validators (not one model check) so that each error names its own key,
+    and `api` comes before the keys it decides so it has been validated when they are.
+    """
+
+    url: str
+    api: Literal["v1", "v2"] = "v1"
+    database: str = Field(default="scgw", min_length=1)
+    org: str | None = Field(default=None, min_length=1, validate_default=True)
+    bucket: str | None = Field(default=None, min_length=1, validate_default=True)
+    token: SecretStr | None = None
+    username: str | None = Field(default=None, min_length=1)
+    password: SecretStr | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        """A URL the writers can join `/write` or `/api/v2/write` to; no credentials in it,
+        since URLs end up in logs and /readyz."""
+        example = "e.g. http://influx-host:8086"
+        try:
+            parts = urlsplit(url.strip())
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"an http(s) URL, {example} ({exc})") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"an http:// or https:// URL of the server, {example}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(f"credentials do not go in the URL: set `username` and "
+                             f"{ENV_PREFIX}INFLUXDB__PASSWORD (v1), or "
+                             f"{ENV_PREFIX}INFLUXDB__TOKEN (v2)")
+        if parts.query or parts.fragment:
+            raise ValueError(f"a server URL without `?` query or `#` fragment, {example}")
+        if port == 0:
+            raise ValueError(f"a port between 1 and 65535, {example}")
+        return url.strip().rstrip("/")
+
+    @field_validator("org")
+    @classmethod
+    def _org_for_v2(cls, org: str | None, info: ValidationInfo) -> str | None:
+        api = info.data.get("api")
+        if api == "v2" and org is None:
+            raise ValueError("api v2 needs `org`, the InfluxDB organisation to write to")
+        if api == "v1" and org is not None:
+            raise ValueError(f"`org` {_V2_ONLY}")
+        return org
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket_for_v2(cls, bucket: str | None, info: ValidationInfo) -> str | None:
+        """On v2 the bucket defaults to `database`, so switching api keeps the same name."""
+        api = info.data.get("api")
+        if api == "v1" and bucket is not None:
+            raise ValueError(f"`bucket` {_V2_ONLY} (on InfluxDB 1.x the bucket is the database)")
+        if api == "v2" and bucket is None:
+            database = info.data.get("database")
+            return database if isinstance(database, str) else None
+        return bucket
+
+    @field_validator("token")
+    @classmethod
+    def _token_for_v2(cls, token: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if info.data.get("api") == "v1" and token is not None:
+            raise ValueError(f"a token {_V2_ONLY} ({ENV_PREFIX}INFLUXDB__PASSWORD)")
+        return token
+
+    @field_validator("username")
+    @classmethod
+    def _username_for_v1(cls, username: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("api") == "v2" and username is not None:
+            raise ValueError(f"`username` is for api v1; api v2 authenticates with "
+                             f"{ENV_PREFIX}INFLUXDB__TOKEN")
+        return username
+
+    @field_validator("password")
+    @classmethod
+    def _password_with_username(
+        cls, password: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        if password is None:
+            return None
+        if info.data.get("api") == "v2":
+            raise ValueError(f"a password is for api v1; api v2 authenticates with "
+                             f"{ENV_PREFIX}INFLUXDB__TOKEN")
+        if info.data.get("api") == "v1" and not info.data.get("username"):
+            raise ValueError(f"a password needs `username` (in the file or "
+                             f"{ENV_PREFIX}INFLUXDB__USERNAME)")
+        return password
+
+
+class RulesConfig(_Strict):
+    """Alert rule files (YAML); none listed means the bundled default rules."""
+
+    files: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+
+    @field_validator("files")
+    @classmethod
+    def _each_once(cls, files: list[str]) -> list[str]:
+        """A file listed twice would define every rule twice (duplicate rule ids)."""
+        seen = {f for i, f in enumerate(files) if f in files[:i]}
+        if seen:
+            raise ValueError(f"listed more than once: {', '.join(sorted(seen))}")
+        return files
 
 
 class FloorConfig(_Strict):
@@ -311,6 +456,9 @@ class SiteConfig(_Strict):
     api: ApiConfig = ApiConfig()
     access: AccessConfig = AccessConfig()
     canteen: CanteenConfig = CanteenConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    influxdb: InfluxConfig | None = None  # None: the local store only
+    rules: RulesConfig = RulesConfig()
     buildings: list[BuildingConfig] = Field(default_factory=list)
     devices: list[DeviceConfig] = Field(default_factory=list)
 
@@ -347,6 +495,37 @@ class SiteConfig(_Strict):
 
     def device(self, device_id: str) -> AnyDevice | None:
         return next((d for d in self.devices if d.device_id == device_id), None)
+
+    @property
+    def spool_directory(self) -> Path:
+        """Where the telemetry spool lives: `telemetry.spool_dir`, else `spool/` beside the
+        SQLite database file, else `./spool` (PostgreSQL, in-memory SQLite).
+
+        Beside the database because that directory is the one an install already made
+        writable, persistent and backed up for the gateway's state; the spool belongs there.
+        """
+        if self.telemetry.spool_dir is not None:
+            return self.telemetry.spool_dir
+        database = sqlite_file(self.database.url)
+        return (database.parent if database is not None else Path(".")) / "spool"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite SQLAlchemy URL; None for other databases and in-memory SQLite.
+
+    Parsed by hand (SQLAlchemy's make_url would pull SQLAlchemy into every config load):
+    `sqlite:///rel.db` is relative, `sqlite:////abs.db` absolute, a `?query` is not part of
+    the path, and `sqlite://`, `sqlite:///:memory:` and `file::memory:` URIs are memory.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+", 1)[0] != "sqlite" or not rest.startswith("/"):
+        return None
+    path = rest[1:].split("?", 1)[0]
+    if path.startswith("file:"):
+        path = path[len("file:"):]
+    if not path or path == ":memory:" or path.startswith(":memory:"):
+        return None
+    return Path(path)
 
 
 def _serial_line_conflicts(
@@ -406,8 +585,8 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], Any]:
         if not name.startswith(ENV_PREFIX):
             continue
         path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
-        # Secrets stay strings; other values may be YAML scalars (numbers, booleans).
-        value: Any = raw if path in SECRET_KEYS else yaml.safe_load(raw) if raw else raw
+        # Secrets and names stay strings; other values may be YAML scalars (numbers, booleans).
+        value: Any = raw if path in STRING_KEYS else yaml.safe_load(raw) if raw else raw
         overrides[path] = value
     return overrides
 
@@ -462,8 +641,13 @@ def _describe(
     for error in exc.errors():
         path = _without_tags(tuple(error["loc"]))
         dotted = ".".join(str(p) for p in path) or "(top level)"
+        section_env = sorted(_env_name(p) for p in from_env if path and p[0] == path[0])
         if tuple(str(p) for p in path) in from_env:
-            where = f"env {ENV_PREFIX}{'__'.join(str(p).upper() for p in path)}"
+            where = f"env {_env_name(path)}"
+        elif path and path[:1] not in lines and section_env:
+            # A section the file lacks, made by the environment alone (a token left in the
+            # service unit after `influxdb:` was removed): "line 1" would point nowhere.
+            where = f"env {', '.join(section_env)}"
         else:
             known = next((path[:n] for n in range(len(path), -1, -1) if path[:n] in lines), ())
             where = f"line {lines.get(known, '?')}"
@@ -484,6 +668,10 @@ def _describe(
     return problems
 
 
+def _env_name(path: tuple[str | int, ...]) -> str:
+    return f"{ENV_PREFIX}{'__'.join(str(p).upper() for p in path)}"
+
+
 def _without_tags(path: tuple[str | int, ...]) -> tuple[str | int, ...]:
     """`devices.3.modbus_rtu.parity` -> `devices.3.parity`: the union member pydantic chose
     is not a key the operator wrote, and the line index knows only the keys in the file."""
@@ -501,6 +689,35 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> S
     return parse_config(text, str(path), environ)
 
 
+
+
+def file_problems(config: SiteConfig, path: str | Path) -> list[str]:
+    """Files the site file names that cannot be used, each with its key and line.
+
+    Separate from validation because it looks at this machine's disk: the gateway's child
+    processes re-validate the config and must not fail on it, and a config is checked on a
+    laptop before it is copied to the site. `scgw check-config` runs it on the gateway.
+    Relative paths are from the working directory, as the gateway opens them.
+    """
+    try:
+        lines = _line_index(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        lines = {}
+    problems = []
+    for i, name in enumerate(config.rules.files):
+        rule_file = Path(name)
+        if not rule_file.is_file():
+            reason = "is not a file" if rule_file.exists() else "no such file"
+            problems.append(f"line {lines.get(('rules', 'files', i), '?')}: rules.files.{i}: "
+                            f"{reason}: {name!r} (relative to {Path.cwd()})")
+    spool = config.spool_directory
+    if spool.exists() and not spool.is_dir():
+        key: tuple[str, ...] = (("telemetry", "spool_dir") if config.telemetry.spool_dir
+                                else ("database", "url"))
+        what = "" if key[0] == "telemetry" else " (the spool goes beside the SQLite database)"
+        problems.append(f"line {lines.get(key, '?')}: {'.'.join(key)}: the spool directory "
+                        f"{str(spool)!r} exists and is not a directory{what}")
+    return problems
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -82,6 +83,15 @@ async def running_gateway(
         task.result()
     assert gateway.link is not None
     await asyncio.wait_for(gateway.link.connected.wait(), 10)
+    # Readings published before the telemetry worker subscribed would be lost to a new
+    # session: wait for its health report to say it is subscribed.
+    deadline = time.monotonic() + 20
+    while not gateway.telemetry_health.report.get("mqtt", {}).get("subscribed"):
+        if task.done():
+            task.result()  # the gateway ended: raise what ended it
+        if time.monotonic() > deadline:
+            raise AssertionError("the telemetry worker never reported itself subscribed")
+        await asyncio.sleep(0.05)
     try:
         yield Running(gateway, config, people, root)
     finally:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,10 +17,13 @@ from gateway.config import (
     ModbusRtuConfig,
     ModbusTcpConfig,
     MqttDeviceConfig,
+    SiteConfig,
     load_config,
     parse_config,
 )
 from gateway.devices.modbus import device_specs
+from simulators.demo import broker
+from tests.servers import require
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "site.yaml"
 
@@ -236,3 +243,351 @@ def test_check_config_loads_every_modbus_profile(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "device m2: profile 'no-such-meter'" in result.output
     assert "m1" not in result.output
+
+
+# --- telemetry, influxdb and rules (CONTRACT.md section 4) -------------------------------
+
+FULL_TELEMETRY = """\
+site: {id: s}
+database: {url: 'sqlite:////var/lib/scgw/scgw.db'}
+telemetry:
+  spool_dir: /data/spool
+  spool_max_mb: 64
+  fsync_interval_s: 0.5
+  local_retention_days: 90
+influxdb:
+  url: http://influx-host:8086/
+  api: v1
+  database: community
+  username: scgw
+rules:
+  files: [rules/energy.yaml, rules/doors.yaml]
+"""
+
+
+def test_telemetry_influxdb_and_rules_keys_parse() -> None:
+    config = parse_config(FULL_TELEMETRY, environ={"SCGW__INFLUXDB__PASSWORD": "pw-1234"})
+    telemetry = config.telemetry
+    assert (telemetry.spool_dir, telemetry.spool_max_mb, telemetry.fsync_interval_s,
+            telemetry.local_retention_days) == (Path("/data/spool"), 64, 0.5, 90)
+    assert telemetry.spool_max_bytes == 64 << 20
+    assert config.spool_directory == Path("/data/spool")
+    influx = config.influxdb
+    assert influx is not None
+    assert (influx.url, influx.api, influx.database, influx.username) == (
+        "http://influx-host:8086", "v1", "community", "scgw")
+    assert (influx.org, influx.bucket, influx.token) == (None, None, None)
+    assert influx.password is not None and influx.password.get_secret_value() == "pw-1234"
+    assert "pw-1234" not in repr(config) and "pw-1234" not in str(config)
+    assert config.rules.files == ["rules/energy.yaml", "rules/doors.yaml"]
+
+
+def test_defaults_when_the_sections_are_absent() -> None:
+    config = parse_config("site: {id: s}\n", environ={})
+    assert config.influxdb is None  # local store only
+    assert (config.telemetry.spool_dir, config.telemetry.spool_max_mb,
+            config.telemetry.fsync_interval_s, config.telemetry.local_retention_days) == (
+        None, 512, 1.0, 30)
+    assert config.rules.files == []
+
+
+def test_v2_needs_org_and_its_bucket_defaults_to_the_database() -> None:
+    text = "site: {id: s}\ninfluxdb:\n  url: https://eu.example.com\n  api: v2\n  org: maple\n"
+    config = parse_config(text, environ={"SCGW__INFLUXDB__TOKEN": "tok-abc=="})
+    influx = config.influxdb
+    assert influx is not None
+    assert (influx.api, influx.org, influx.bucket, influx.database) == (
+        "v2", "maple", "scgw", "scgw")
+    assert influx.token is not None and influx.token.get_secret_value() == "tok-abc=="
+    assert "tok-abc" not in repr(config)
+    named = parse_config(text + "  bucket: energy\n  database: ignored-on-v2\n", environ={})
+    assert named.influxdb is not None and named.influxdb.bucket == "energy"
+    with pytest.raises(ConfigError) as info:
+        parse_config("site: {id: s}\ninfluxdb:\n  url: http://h:8086\n  api: v2\n", environ={})
+    assert info.value.problems == [
+        "line 2: influxdb.org: api v2 needs `org`, the InfluxDB organisation to write to"]
+
+
+@pytest.mark.parametrize(("key_lines", "expected"), [
+    ("  spool_dir: ''\n", "line 3: telemetry.spool_dir: a directory path (or leave the key out:"
+     " beside the database)"),
+    ("  spool_max_mb: 0\n", "line 3: telemetry.spool_max_mb: Input should be greater than or"
+     " equal to 1 (got 0)"),
+    ("  spool_max_mb: lots\n", "line 3: telemetry.spool_max_mb: Input should be a valid integer,"
+     " unable to parse string as an integer (got 'lots')"),
+    ("  fsync_interval_s: 0\n", "line 3: telemetry.fsync_interval_s: Input should be greater"
+     " than 0 (got 0)"),
+    ("  fsync_interval_s: 61\n", "line 3: telemetry.fsync_interval_s: Input should be less than"
+     " or equal to 60 (got 61)"),
+    ("  local_retention_days: 0\n", "line 3: telemetry.local_retention_days: Input should be"
+     " greater than or equal to 1 (got 0)"),
+    ("  local_retention_days: 3651\n", "line 3: telemetry.local_retention_days: Input should be"
+     " less than or equal to 3650 (got 3651)"),
+    ("  spool_size: 5\n", "line 3: telemetry.spool_size: unknown key (check its spelling and"
+     " indentation)"),
+])
+def test_bad_telemetry_values_name_key_and_line(key_lines: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("site: {id: s}\ntelemetry:\n" + key_lines, environ={})
+    assert info.value.problems == [expected]
+
+
+@pytest.mark.parametrize(("key_lines", "expected"), [
+    ("  url: ftp://h:8086\n", "line 3: influxdb.url: an http:// or https:// URL of the server,"
+     " e.g. http://influx-host:8086"),
+    ("  url: influx-host:8086\n", "line 3: influxdb.url: an http:// or https:// URL of the"
+     " server, e.g. http://influx-host:8086"),
+    ("  url: http://h:99999\n", "line 3: influxdb.url: an http(s) URL, e.g."
+     " http://influx-host:8086 (Port out of range 0-65535)"),
+    ("  url: http://scgw:pw@h:8086\n", "line 3: influxdb.url: credentials do not go in the URL:"
+     " set `username` and SCGW__INFLUXDB__PASSWORD (v1), or SCGW__INFLUXDB__TOKEN (v2)"),
+    ("  url: http://h:8086/?db=scgw\n", "line 3: influxdb.url: a server URL without `?` query"
+     " or `#` fragment, e.g. http://influx-host:8086"),
+    ("  url: http://h\n  api: v3\n", "line 4: influxdb.api: Input should be 'v1' or 'v2'"
+     " (got 'v3')"),
+    ("  url: http://h\n  database: ''\n", "line 4: influxdb.database: String should have at"
+     " least 1 character (got '')"),
+    ("  url: http://h\n  org: maple\n", "line 4: influxdb.org: `org` is for api v2"
+     " (influxdb-client); api v1 writes to `database` with username/password"),
+    ("  url: http://h\n  bucket: scgw\n", "line 4: influxdb.bucket: `bucket` is for api v2"
+     " (influxdb-client); api v1 writes to `database` with username/password (on InfluxDB 1.x"
+     " the bucket is the database)"),
+    ("  url: http://h\n  api: v2\n  org: o\n  username: u\n", "line 6: influxdb.username:"
+     " `username` is for api v1; api v2 authenticates with SCGW__INFLUXDB__TOKEN"),
+    ("  api: v1\n", "line 2: influxdb.url: required key is missing"),
+])
+def test_bad_influxdb_values_name_key_and_line(key_lines: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("site: {id: s}\ninfluxdb:\n" + key_lines, environ={})
+    assert info.value.problems == [expected]
+
+
+def test_bad_rule_files_name_key_and_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("site: {id: s}\nrules:\n  files:\n    - a.yaml\n    - ''\n", environ={})
+    assert info.value.problems == [
+        "line 5: rules.files.1: String should have at least 1 character (got '')"]
+    with pytest.raises(ConfigError) as info:
+        parse_config("site: {id: s}\nrules:\n  files: [a.yaml, b.yaml, a.yaml]\n", environ={})
+    assert info.value.problems == ["line 3: rules.files: listed more than once: a.yaml"]
+
+
+@pytest.mark.parametrize("key", ["token", "password"])
+def test_influxdb_secrets_in_the_file_are_refused(key: str) -> None:
+    text = f"site: {{id: s}}\ninfluxdb:\n  url: http://h:8086\n  {key}: s3cret-value\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "s.yaml", environ={})
+    assert info.value.problems == [
+        f"line 4: influxdb.{key}: secrets must come from the environment "
+        f"(SCGW__INFLUXDB__{key.upper()}), not the file"]
+    assert "s3cret-value" not in str(info.value)
+
+
+def test_influxdb_keys_from_the_environment() -> None:
+    env = {"SCGW__INFLUXDB__URL": "http://10.0.0.7:8086", "SCGW__INFLUXDB__USERNAME": "0123",
+           "SCGW__INFLUXDB__PASSWORD": "007", "SCGW__TELEMETRY__SPOOL_MAX_MB": "2048",
+           "SCGW__TELEMETRY__SPOOL_DIR": "/srv/spool", "SCGW__RULES__FILES": "[x.yaml]"}
+    config = parse_config(FULL_TELEMETRY, environ=env)
+    influx = config.influxdb
+    assert influx is not None
+    # A user name and a password stay strings: `0123` is not the number 123.
+    assert (influx.url, influx.username) == ("http://10.0.0.7:8086", "0123")
+    assert influx.password is not None and influx.password.get_secret_value() == "007"
+    assert (config.telemetry.spool_max_mb, config.spool_directory) == (2048, Path("/srv/spool"))
+    assert config.rules.files == ["x.yaml"]
+    # The environment alone can configure InfluxDB.
+    only_env = parse_config("site: {id: s}\n", environ={
+        "SCGW__INFLUXDB__URL": "http://h:8086", "SCGW__INFLUXDB__API": "v2",
+        "SCGW__INFLUXDB__ORG": "o", "SCGW__INFLUXDB__TOKEN": "t"})
+    assert only_env.influxdb is not None and only_env.influxdb.bucket == "scgw"
+
+
+def test_bad_influxdb_environment_is_attributed_to_the_variables() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(FULL_TELEMETRY, environ={"SCGW__INFLUXDB__TOKEN": "t"})
+    assert info.value.problems == [
+        "env SCGW__INFLUXDB__TOKEN: influxdb.token: a token is for api v2 (influxdb-client); "
+        "api v1 writes to `database` with username/password (SCGW__INFLUXDB__PASSWORD)"]
+    with pytest.raises(ConfigError) as info:
+        parse_config("site: {id: s}\ninfluxdb: {url: 'http://h'}\n",
+                     environ={"SCGW__INFLUXDB__PASSWORD": "p"})
+    assert info.value.problems == [
+        "env SCGW__INFLUXDB__PASSWORD: influxdb.password: a password needs `username` (in the "
+        "file or SCGW__INFLUXDB__USERNAME)"]
+    # A token left in the service unit after `influxdb:` left the file: the variable is named.
+    with pytest.raises(ConfigError) as info:
+        parse_config("site: {id: s}\n", environ={"SCGW__INFLUXDB__TOKEN": "t",
+                                                 "SCGW__INFLUXDB__API": "v2"})
+    assert info.value.problems[0] == (
+        "env SCGW__INFLUXDB__API, SCGW__INFLUXDB__TOKEN: influxdb.url: required key is missing")
+    with pytest.raises(ConfigError) as info:
+        parse_config("site: {id: s}\n", environ={"SCGW__TELEMETRY__FSYNC_INTERVAL_S": "0"})
+    assert info.value.problems[0].startswith(
+        "env SCGW__TELEMETRY__FSYNC_INTERVAL_S: telemetry.fsync_interval_s: Input should be")
+
+
+@pytest.mark.parametrize(("database_url", "spool"), [
+    ("sqlite:////var/lib/scgw/scgw.db", "/var/lib/scgw/spool"),
+    ("sqlite:///scgw.db", "spool"),
+    ("sqlite:///data/scgw.db?timeout=5", "data/spool"),
+    ("sqlite+pysqlite:////srv/g.db", "/srv/spool"),
+    ("sqlite://", "spool"),
+    ("sqlite:///:memory:", "spool"),
+    ("postgresql+psycopg://scgw@db-host/scgw", "spool"),
+])
+def test_the_spool_defaults_to_beside_the_database(database_url: str, spool: str) -> None:
+    config = parse_config(f"site: {{id: s}}\ndatabase: {{url: '{database_url}'}}\n", environ={})
+    assert config.spool_directory == Path(spool)
+
+
+def test_config_survives_the_trip_to_the_telemetry_worker() -> None:
+    """The worker child re-validates the config from JSON with secrets revealed: the
+    defaults the validators fill in (v2 bucket) must validate again unchanged."""
+    import json
+
+    from pydantic import BaseModel, SecretStr
+
+    def plain(value: object) -> object:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, BaseModel):
+            return {name: plain(getattr(value, name)) for name in type(value).model_fields}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    for text, env in [
+        (FULL_TELEMETRY, {"SCGW__INFLUXDB__PASSWORD": "pw"}),
+        ("site: {id: s}\ninfluxdb: {url: 'http://h', api: v2, org: o}\n",
+         {"SCGW__INFLUXDB__TOKEN": "t"}),
+    ]:
+        config = parse_config(text, environ=env)
+        again = SiteConfig.model_validate(json.loads(json.dumps(plain(config))))
+        assert again == config
+
+
+def test_check_config_checks_rule_files_and_summarises_telemetry(tmp_path: Path) -> None:
+    rules = tmp_path / "energy.yaml"
+    rules.write_text("rules: []\n")
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "site: {id: s}\n"
+        f"database: {{url: 'sqlite:///{tmp_path}/scgw.db'}}\n"
+        "influxdb:\n  url: http://influx-host:8086\n  username: scgw\n"
+        f"rules:\n  files:\n    - {rules}\n    - {tmp_path}/missing.yaml\n"
+    )
+    runner = CliRunner()
+    result = runner.invoke(app, ["check-config", str(site)], env={"SCGW__INFLUXDB__PASSWORD": "pw"})
+    assert result.exit_code == 1
+    assert f"line 9: rules.files.1: no such file: '{tmp_path}/missing.yaml'" in result.output
+    site.write_text(site.read_text().replace(f"    - {tmp_path}/missing.yaml\n", ""))
+    (tmp_path / "spool").write_text("not a directory")
+    result = runner.invoke(app, ["check-config", str(site)], env={"SCGW__INFLUXDB__PASSWORD": "pw"})
+    assert result.exit_code == 1
+    assert (f"line 2: database.url: the spool directory '{tmp_path}/spool' exists and is not a "
+            "directory") in result.output
+    (tmp_path / "spool").unlink()
+    result = runner.invoke(app, ["check-config", str(site)],
+                           env={"SCGW__INFLUXDB__PASSWORD": "pw-secret"})
+    assert result.exit_code == 0, result.output
+    assert (f"spool {tmp_path}/spool (max 512 MB, fsync every 1 s), local store 30 d; "
+            "InfluxDB v1 http://influx-host:8086 database scgw (user scgw)") in result.output
+    assert "pw-secret" not in result.output
+
+
+# --- the Mosquitto configuration the project ships (docs/deploy-mqtt.md) -----------------
+
+DEPLOY_MOSQUITTO = Path(__file__).parents[1] / "deploy" / "mosquitto" / "mosquitto.conf"
+
+
+def _conf_settings(text: str) -> dict[str, str]:
+    settings = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.strip().partition(" ")
+            settings[key] = value
+    return settings
+
+
+def test_shipped_mosquitto_conf_keeps_a_gateway_restart_of_readings() -> None:
+    settings = _conf_settings(DEPLOY_MOSQUITTO.read_text())
+    assert settings["allow_anonymous"] == "false"
+    assert settings["set_tcp_nodelay"] == "true"
+    assert settings["persistence"] == "true" and settings["persistence_location"].endswith("/")
+    assert int(settings["max_queued_messages"]) >= 100_000  # Mosquitto's default is 1000
+    assert 0 < int(settings["max_queued_bytes"]) <= 1 << 30  # bounded
+    assert settings["queue_qos0_messages"] == "true"
+    assert int(settings["max_inflight_messages"]) > 20
+    assert {"password_file", "acl_file", "listener"} <= settings.keys()
+    test_broker = _conf_settings(broker.MOSQUITTO_CONF.format(port=1, host="h"))
+    for key in ("set_tcp_nodelay", "max_queued_messages", "max_queued_bytes",
+                "queue_qos0_messages", "max_inflight_messages"):
+        assert test_broker[key] == settings[key], key  # the tests measure what sites run
+
+
+def _run_quietly(*args: str) -> None:
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                   timeout=30)
+
+
+def test_shipped_mosquitto_conf_is_accepted_by_mosquitto(tmp_path: Path) -> None:
+    """Mosquitto refuses a whole file for one unknown or misspelt option: start it for real,
+    with the placeholders pointed at files made here, and log in through the ACL."""
+    binary = broker.mosquitto_binary()
+    require(binary is not None and shutil.which("mosquitto_passwd") is not None
+            and shutil.which("mosquitto_sub") is not None, "mosquitto, mosquitto-clients")
+    assert binary is not None
+    port = broker.free_port()
+    (tmp_path / "data").mkdir()
+    _run_quietly("mosquitto_passwd", "-c", "-b", str(tmp_path / "passwd"), "gw", "gw-pass")
+    (tmp_path / "acl").write_text("user gw\ntopic readwrite scgw/#\n")
+    text = DEPLOY_MOSQUITTO.read_text()
+    for old, new in (("listener 1883\n", f"listener {port} 127.0.0.1\n"),
+                     ("/etc/mosquitto/scgw/", f"{tmp_path}/"),
+                     ("/var/lib/mosquitto/", f"{tmp_path}/data/")):
+        assert old in text
+        text = text.replace(old, new)
+    text += f"user {pwd.getpwuid(os.getuid()).pw_name}\n"  # as root: keep the temp dir's owner
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(text)
+    log = (tmp_path / "log").open("wb")
+    process = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)
+    try:
+        broker.wait_for_port("127.0.0.1", port)
+        common = ["-h", "127.0.0.1", "-p", str(port), "-t", "scgw/x", "-W", "5"]
+        subprocess.run(["mosquitto_pub", *common[:6], "-m", "hello", "-r", "-u", "gw", "-P",
+                        "gw-pass"], check=True, timeout=30)
+        got = subprocess.run(["mosquitto_sub", *common, "-C", "1", "-u", "gw", "-P", "gw-pass"],
+                             capture_output=True, timeout=30)
+        assert got.stdout == b"hello\n", (got, (tmp_path / "log").read_text())
+        anonymous = subprocess.run(["mosquitto_sub", *common, "-C", "1"], capture_output=True,
+                                   timeout=30)
+        assert anonymous.returncode != 0  # allow_anonymous false
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        log.close()
+    assert process.returncode == 0, (tmp_path / "log").read_text()
+    assert (tmp_path / "data" / "mosquitto.db").exists()  # persistence saved on shutdown
+
+
+def test_test_broker_queues_readings_across_a_gateway_and_broker_restart(
+    own_mosquitto: broker.Mosquitto,
+) -> None:
+    """What the persistent telemetry session relies on: 20,000 readings (20x Mosquitto's
+    default queue) published while the subscriber is away all arrive, even after the broker
+    itself restarted in between."""
+    require(shutil.which("mosquitto_sub") is not None, "mosquitto-clients")
+    where = ["-h", own_mosquitto.host, "-p", str(own_mosquitto.port), "-V", "mqttv5"]
+    session = [*where, "-i", "gw-telemetry", "-c", "-x", "3600", "-q", "1", "-t", "q/#"]
+    _run_quietly("mosquitto_sub", *session, "-E")  # establish the session, then go away
+    lines = "".join(f'{{"seq": {n}}}\n' for n in range(20_000))
+    subprocess.run(["mosquitto_pub", *where, "-q", "1", "-t", "q/devices/m1/telemetry", "-l"],
+                   input=lines.encode(), check=True, timeout=60)
+    own_mosquitto.stop()
+    own_mosquitto.start()
+    got = subprocess.run(["mosquitto_sub", *session, "-C", "20000", "-W", "30"],
+                         capture_output=True, timeout=60)
+    received = got.stdout.decode().splitlines()
+    assert len(received) == 20_000, got.stderr
+    assert received == lines.splitlines()  # all of them, in order

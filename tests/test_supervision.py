@@ -20,7 +20,7 @@ from device_drivers.supervision import ComponentFailed, Supervisor
 from gateway.access.audit import AuditLog
 from gateway.access.service import AccessService
 from gateway.app.runtime import _ApiServer
-from gateway.telemetry.latest import LatestReadings
+from gateway.telemetry.latest_store import LatestCache
 from simulators.demo.broker import Mosquitto
 from simulators.readers import ReaderSimulator
 from tests.community import running_gateway
@@ -101,7 +101,7 @@ def _crash_once(original: Callable[..., Awaitable[None]]) -> Callable[..., Await
 RESTARTED = [
     (AccessService, "_watch", "access-index-watch"),
     (AuditLog, "_run", "audit-writer"),
-    (LatestReadings, "_run", "latest-readings"),
+    (LatestCache, "_run", "latest-cache"),
     (MqttLink, "_run", "mqtt-link-"),
     (_Unit, "run", "modbus:"),
 ]

@@ -245,7 +245,7 @@ class ModbusFleet:
     """Polls every configured Modbus unit and takes writes for them.
 
     An async context manager that owns one task per unit; `on_reading` (e.g.
-    TelemetryBus.publish) is called from the event loop and must not block.
+    the gateway's PolledReadings.enqueue) is called from the event loop and must not block.
     """
 
     def __init__(

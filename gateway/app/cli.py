@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from gateway.config import ConfigError, SiteConfig, load_config
+from gateway.config import ConfigError, SiteConfig, file_problems, load_config
 
 app = typer.Typer(help="scgw: the smart-community edge gateway.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -35,6 +35,9 @@ def check_config(path: Annotated[Path, typer.Argument(help="Site YAML file.")]) 
     """Validate a site file; print every problem with its key, line and what was expected."""
     try:
         config = load_config(path)
+        problems = file_problems(config, path)
+        if problems:
+            raise ConfigError(str(path), problems)
         _check_profiles(config)
     except ConfigError as exc:
         err.print(f"[red]{exc.source}: {len(exc.problems)} problem(s)[/red]")
@@ -46,6 +49,26 @@ def check_config(path: Annotated[Path, typer.Argument(help="Site YAML file.")]) 
         f"{path}: OK (site {config.site.id}, {len(config.buildings)} buildings, "
         f"{len(config.devices)} devices)"
     )
+    typer.echo(f"  telemetry: {_telemetry_summary(config)}")
+
+
+def _telemetry_summary(config: SiteConfig) -> str:
+    """Where readings will go, so an operator sees a defaulted spool dir or a missing
+    InfluxDB before the first outage does; secrets are said to be set, never shown."""
+    telemetry = config.telemetry
+    spool = (f"spool {config.spool_directory} (max {telemetry.spool_max_mb} MB, fsync every "
+             f"{telemetry.fsync_interval_s:g} s), local store {telemetry.local_retention_days} d")
+    influx = config.influxdb
+    if influx is None:
+        sink = "no InfluxDB (local store only)"
+    elif influx.api == "v1":
+        auth = f"user {influx.username}" if influx.username else "no login"
+        sink = f"InfluxDB v1 {influx.url} database {influx.database} ({auth})"
+    else:
+        auth = "token set" if influx.token is not None else "no token"
+        sink = f"InfluxDB v2 {influx.url} org {influx.org} bucket {influx.bucket} ({auth})"
+    rules = ", ".join(config.rules.files) or "bundled defaults"
+    return f"{spool}; {sink}; rules: {rules}"
 
 
 def _check_profiles(config: SiteConfig) -> None:

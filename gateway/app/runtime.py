@@ -9,8 +9,10 @@ API); shutdown runs in reverse through one AsyncExitStack, so pending audit entr
 in-flight payments are flushed before the database is let go. SIGTERM/SIGINT set the stop
 event; everything is down within a few seconds.
 
-Two MQTT sessions: `control` (access requests, payments, status, events, Modbus commands)
-and `telemetry`; a telemetry flood queues on its own socket and never ahead of a gate.
+Telemetry is ingested by a separate process (gateway.telemetry.worker, started and
+supervised here), so a telemetry flood never shares this event loop with access decisions;
+this process publishes polled Modbus readings as the units' MQTT telemetry and reads the
+worker's health report for /readyz and /metrics.
 """
 
 from __future__ import annotations
@@ -41,22 +43,23 @@ from device_drivers.mqtt_protocol import (
     control_subscriptions,
     device_topic,
     gateway_status_topic,
-    telemetry_subscriptions,
 )
 from device_drivers.supervision import ComponentFailed, SupervisedTask, Supervisor
 from gateway.access.audit import AuditLog
 from gateway.access.service import AccessService
+from gateway.app.telemetry_process import TelemetryProcess
 from gateway.canteen.terminals import CanteenService
 from gateway.config import ConfigError, SiteConfig
 from gateway.devices.modbus import ModbusCommands, modbus_fleet
+from gateway.devices.polled_readings import PolledReadings
 from gateway.devices.router import DeviceRouter
 from gateway.metrics import Registry
 from gateway.store import db
-from gateway.telemetry.bus import TelemetryBus
-from gateway.telemetry.latest import LatestReadings
+from gateway.telemetry.health import TelemetryHealth, health_topic
+from gateway.telemetry.latest_store import LatestCache
+from gateway.telemetry.series import SeriesQuery
 
 log = logging.getLogger(__name__)
-TELEMETRY_QUEUE = 20_000  # readings waiting for the handler before the session sheds
 
 
 class _ApiServer(uvicorn.Server):
@@ -77,12 +80,11 @@ class Gateway:
         self._ble_backend = ble_backend
         self.config = config
         self.metrics = Registry()
-        self.bus = TelemetryBus()
         self.started = asyncio.Event()
         self.api_port: int | None = None
         self.router: DeviceRouter | None = None
         self.link: MqttLink | None = None  # the control session; answers go out here
-        self.telemetry_link: MqttLink | None = None
+        self.telemetry_health = TelemetryHealth()
         self.supervisor: Supervisor | None = None
         self._extra_routers = list(extra_routers)
         if config.api.enabled and config.api.jwt_secret is None:
@@ -126,8 +128,10 @@ class Gateway:
                 lambda o=outcome: float(payments.counts()[o]),  # type: ignore[misc]
             )
         latest = await stack.enter_async_context(
-            LatestReadings(self.bus, set(devices), supervisor=supervisor))
-        modbus = await stack.enter_async_context(modbus_fleet(cfg, self.bus, supervisor))
+            LatestCache(engine, set(devices), supervisor=supervisor))
+        polled = await stack.enter_async_context(
+            PolledReadings(cfg.mqtt.root, self._publish, supervisor=supervisor))
+        modbus = await stack.enter_async_context(modbus_fleet(cfg, polled.enqueue, supervisor))
         commands = await stack.enter_async_context(
             ModbusCommands(cfg.mqtt.root, modbus, self._publish)
         )
@@ -137,24 +141,36 @@ class Gateway:
             access=access,
             publish=self._publish,
             metrics=self.metrics,
-            bus=self.bus,
             payments=payments,
             observer=observer,
             commands=commands,
         )
         stack.push_async_callback(self.router.close)
         client_id = cfg.mqtt.client_id or f"scgw-{cfg.site.id}-{secrets.token_hex(3)}"
+        health = health_topic(cfg.mqtt.root, cfg.site.id)
+        router = self.router
+
+        async def on_control(topic: str, payload: bytes) -> None:
+            if topic == health:
+                self.telemetry_health.update(payload)
+            else:
+                await router.on_message(topic, payload)
+
         self.link = await stack.enter_async_context(self._mqtt_link(
-            f"{client_id}-ctl", [*control_subscriptions(cfg.mqtt.root), *commands.subscriptions()],
-            self.router.on_message, supervisor,
+            f"{client_id}-ctl",
+            [*control_subscriptions(cfg.mqtt.root), *commands.subscriptions(), health],
+            on_control, supervisor,
             status_topic=gateway_status_topic(cfg.mqtt.root, cfg.site.id)))
-        self.telemetry_link = await stack.enter_async_context(self._mqtt_link(
-            f"{client_id}-tel", telemetry_subscriptions(cfg.mqtt.root), self.router.on_message,
-            supervisor, max_queued=TELEMETRY_QUEUE))
         self._register_link_metrics()
+        worker = TelemetryProcess(cfg)
+        supervisor.spawn("telemetry-worker", worker.run)
+        stack.push_async_callback(worker.stop)
         await self._start_ble_readers(stack, supervisor)
+        energy = SeriesQuery.from_config(engine, cfg)
+        stack.callback(energy.dispose)
         services = ApiServices(access=access, audit=audit, canteen=payments.ledger,
-                               modbus=modbus, latest=latest, device_state=self.router.state)
+                               modbus=modbus, latest=latest, energy=energy,
+                               device_state=self.router.state)
         server = self._api_server(engine, services) if cfg.api.enabled else None
         serving: SupervisedTask | None = None
         if server is not None:
@@ -194,16 +210,11 @@ class Gateway:
         )
 
     def _register_link_metrics(self) -> None:
-        links = {"control": self.link, "telemetry": self.telemetry_link}
         self.metrics.gauge(
-            "scgw_mqtt_connected", "1 while both MQTT sessions are connected to the broker.",
-            lambda: float(all(lk is not None and lk.connected.is_set() for lk in links.values())),
+            "scgw_mqtt_connected", "1 while connected to the broker.",
+            lambda: float(self.link is not None and self.link.connected.is_set()),
         )
-        self.metrics.counter_func(
-            "scgw_telemetry_shed_total",
-            "Telemetry messages shed because the gateway could not keep up (flood).",
-            lambda: float(self.telemetry_link.shed if self.telemetry_link else 0),
-        )
+        self.telemetry_health.register_metrics(self.metrics)
 
     async def _start_ble_readers(self, stack: AsyncExitStack, supervisor: Supervisor) -> None:
         """One scanner per reader with a BLE radio; a missing radio is logged, not fatal."""

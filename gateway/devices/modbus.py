@@ -18,8 +18,8 @@ from device_drivers import mqtt_protocol as proto
 from device_drivers.modbus.errors import ModbusError, UnknownDevice, WriteRefused
 from device_drivers.modbus.fleet import ModbusDeviceSpec, ModbusFleet
 from device_drivers.supervision import RequestTasks, Supervisor
+from device_drivers.vocabulary import Reading
 from gateway.config import DeviceConfig, ModbusRtuConfig, ModbusTcpConfig, SiteConfig
-from gateway.telemetry.bus import TelemetryBus
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,10 @@ def device_specs(config: SiteConfig) -> list[ModbusDeviceSpec]:
 
 @contextlib.asynccontextmanager
 async def modbus_fleet(
-    config: SiteConfig, bus: TelemetryBus, supervisor: Supervisor | None = None
+    config: SiteConfig, on_reading: Callable[[Reading], None],
+    supervisor: Supervisor | None = None,
 ) -> AsyncIterator[ModbusFleet]:
-    async with ModbusFleet(device_specs(config), bus.publish, supervisor=supervisor) as fleet:
+    async with ModbusFleet(device_specs(config), on_reading, supervisor=supervisor) as fleet:
         yield fleet
 
 

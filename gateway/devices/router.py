@@ -11,7 +11,6 @@ to the ledger's worker so a slow disk never delays a gate.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -20,15 +19,12 @@ from typing import Any, Protocol
 
 from device_drivers import mqtt_protocol as proto
 from device_drivers.supervision import RequestTasks
-from device_drivers.vocabulary import Reading
 from gateway.config import DeviceConfig
 from gateway.metrics import Registry
-from gateway.telemetry.bus import TelemetryBus
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[str, bytes], Awaitable[None]]
-SEQ_RESET_WINDOW = 1000  # a seq this far behind the last one means the device restarted
 
 
 class AccessDecider(Protocol):
@@ -57,8 +53,6 @@ class DecisionObserver(Protocol):
 class DeviceState:
     online: bool | None = None
     last_seen: float | None = None
-    last_seq: int | None = None
-    seq_gaps: int = 0
 
 
 def register_metrics(metrics: Registry) -> None:
@@ -67,10 +61,6 @@ def register_metrics(metrics: Registry) -> None:
     metrics.counter("scgw_access_decisions_total", "Access decisions, by reader kind and result.")
     metrics.histogram("scgw_access_decision_seconds",
                       "Time from an access request's arrival to its answer being sent.")
-    metrics.counter("scgw_telemetry_readings_total", "Telemetry readings accepted.")
-    metrics.counter("scgw_telemetry_duplicates_total", "Telemetry readings dropped as repeats.")
-    metrics.counter("scgw_telemetry_gaps_total", "Telemetry sequence gaps seen.")
-    metrics.counter("scgw_telemetry_seq_resets_total", "Devices whose telemetry seq restarted.")
     metrics.counter("scgw_device_events_total", "Device events, by type class.")
 
 
@@ -83,7 +73,6 @@ class DeviceRouter:
         access: AccessDecider,
         publish: Publish,
         metrics: Registry,
-        bus: TelemetryBus,
         payments: PaymentSink | None = None,
         observer: DecisionObserver | None = None,
         commands: CommandSink | None = None,
@@ -94,7 +83,6 @@ class DeviceRouter:
         self._access = access
         self._publish = publish
         self._metrics = metrics
-        self._bus = bus
         self._payments = payments
         self._observer = observer
         self._commands = commands
@@ -126,8 +114,6 @@ class DeviceRouter:
                 await self._access_request(device, payload)
             elif channel in ("payment/request", "payment/batch"):
                 await self._payment(device, channel, payload)
-            elif channel == "telemetry":
-                self._telemetry(device, state, payload)
             elif channel == "status":
                 self._status(state, payload)
             elif channel == "event":
@@ -241,41 +227,6 @@ class DeviceRouter:
             return
         await self._payments.handle(device, channel, payload)
 
-    def _telemetry(self, device: DeviceConfig, state: DeviceState, payload: bytes) -> None:
-        data = proto.load_object(payload)
-        if isinstance(data, proto.Malformed):
-            self._error("telemetry", "malformed")
-            return
-        raw_readings = data.get("readings", [data])
-        if not isinstance(raw_readings, list):
-            self._error("telemetry", "malformed")
-            return
-        for raw in raw_readings:
-            reading = _reading(device, raw, self._clock())
-            if reading is None:
-                self._error("telemetry", "malformed")
-                continue
-            if reading.seq is not None and state.last_seq is not None:
-                if reading.seq < state.last_seq - SEQ_RESET_WINDOW:
-                    # Far behind: the device restarted its counter (or we once got garbage).
-                    self._metrics.inc("scgw_telemetry_seq_resets_total")
-                    log.info("telemetry seq of %s restarted at %d", device.device_id, reading.seq)
-                    state.last_seq = None
-                elif reading.seq <= state.last_seq:
-                    self._metrics.inc("scgw_telemetry_duplicates_total")
-                    continue
-                elif reading.seq > state.last_seq + 1:
-                    state.seq_gaps += 1
-                    self._metrics.inc("scgw_telemetry_gaps_total")
-                    log.info(
-                        "telemetry gap from %s: seq %d -> %d",
-                        device.device_id, state.last_seq, reading.seq,
-                    )
-            if reading.seq is not None:
-                state.last_seq = reading.seq
-            self._metrics.inc("scgw_telemetry_readings_total")
-            self._bus.publish(reading)
-
     def _status(self, state: DeviceState, payload: bytes) -> None:
         data = proto.load_object(payload)
         if isinstance(data, proto.Malformed) or not isinstance(data.get("online"), bool):
@@ -293,23 +244,3 @@ class DeviceRouter:
         self._metrics.inc("scgw_device_events_total", type=kind)
         log.warning("event %s from %s", data["type"][:64], device.device_id)
 
-
-def _reading(device: DeviceConfig, raw: Any, now: float) -> Reading | None:
-    if not isinstance(raw, dict) or not isinstance(raw.get("metrics"), dict):
-        return None
-    ts = proto.read_ts(raw)
-    if isinstance(ts, str):
-        return None
-    seq = raw.get("seq")
-    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
-        return None
-    metrics: dict[str, float] = {}
-    for name, value in raw["metrics"].items():
-        if isinstance(value, bool):
-            value = float(value)
-        if not isinstance(name, str) or not isinstance(value, int | float):
-            return None
-        if not math.isfinite(value):
-            return None
-        metrics[name] = float(value)
-    return Reading(device.device_id, device.kind, ts if ts is not None else now, metrics, seq)

@@ -41,7 +41,7 @@ _BOOLEANS = {"t": True, "T": True, "true": True, "True": True, "TRUE": True,
              "f": False, "F": False, "false": False, "False": False, "FALSE": False}
 _TYPE_NAMES = {float: "float", int: "integer", str: "string", bool: "boolean"}
 FieldValue = float | int | str | bool
-_prefixes: dict[tuple[str, str, str], str] = {}
+_prefixes: dict[tuple[str, str, str, str], str] = {}
 _field_keys: dict[str, str] = {}
 
 
@@ -73,15 +73,20 @@ def _tags(tags: Mapping[str, str]) -> str:
     return "".join(f",{escape_key(k)}={escape_key(v)}" for k, v in sorted(tags.items()) if v)
 
 
-def reading_line(reading: Reading, site: str) -> str | None:
-    """One `telemetry` point; None when nothing in the reading can be written."""
+def reading_line(reading: Reading, site: str, building: str | None = None) -> str | None:
+    """One `telemetry` point; None when nothing in the reading can be written.
+
+    `building` (the device's building in the site file) is an extra tag beyond CONTRACT.md
+    section 4, so dashboards can sum power per building; devices without one carry none.
+    """
     if not math.isfinite(reading.ts):
         return None
-    key = (site, reading.device_id, reading.kind)
+    key = (site, reading.device_id, reading.kind, building or "")
     prefix = _prefixes.get(key)
     if prefix is None:
         prefix = TELEMETRY + _tags(
-            {"site": site, "device_id": reading.device_id, "kind": reading.kind}) + " "
+            {"site": site, "device_id": reading.device_id, "kind": reading.kind,
+             "building": building or ""}) + " "
         if len(_prefixes) < 100_000:
             _prefixes[key] = prefix
     fields = []

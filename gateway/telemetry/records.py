@@ -26,16 +26,21 @@ class RecordError(ValueError):
     """A record that is not a point of our schema."""
 
 
-def encode_reading(reading: Reading, site: str) -> bytes | None:
-    line = reading_line(reading, site)
+def encode_reading(reading: Reading, site: str, building: str | None = None) -> bytes | None:
+    line = reading_line(reading, site, building)
     return None if line is None else line.encode()
 
 
-def encode_readings(readings: Iterable[Reading], site: str) -> tuple[list[bytes], int]:
-    """Records for `Spool.append`, and how many readings had nothing writable."""
+def encode_readings(
+    readings: Iterable[Reading], site: str, buildings: Mapping[str, str | None] | None = None,
+) -> tuple[list[bytes], int]:
+    """Records for `Spool.append`, and how many readings had nothing writable.
+
+    `buildings` maps device ids to their building (the optional `building` tag).
+    """
     records, skipped = [], 0
     for reading in readings:
-        line = reading_line(reading, site)
+        line = reading_line(reading, site, buildings.get(reading.device_id) if buildings else None)
         if line is None:
             skipped += 1
         else:

@@ -8,6 +8,8 @@ Mosquitto installed the demo falls back to the embedded amqtt broker.
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -18,18 +20,50 @@ from types import TracebackType
 
 log = logging.getLogger(__name__)
 
-# set_tcp_nodelay matters: with Nagle on, decision round trips rose from ~1 ms to ~38 ms
-# under telemetry load (docs/benchmarks.md).
+# The settings the gateway is measured with; deploy/mosquitto/mosquitto.conf is the
+# production counterpart and docs/deploy-mqtt.md explains each line. In short:
+# - set_tcp_nodelay: with Nagle on, decision round trips rose from ~1 ms to ~38 ms under
+#   telemetry load (docs/benchmarks.md).
+# - max_queued_messages / max_queued_bytes: the gateway's telemetry session is persistent
+#   (QoS 1, clean start off, session expiry), so readings published while it restarts wait
+#   here. Mosquitto's default of 1000 queued messages per client would keep half a second of
+#   a 2,000 readings/s flood and silently drop the rest; 200,000 keeps 100 s of it, and the
+#   byte bound keeps a gateway that never returns from eating the broker's memory.
+# - queue_qos0_messages: a device publishing readings at QoS 0 would otherwise have them
+#   dropped, not queued, for the offline gateway.
+# - max_inflight_messages: QoS 1 deliveries not yet acknowledged per client; Mosquitto's 20
+#   throttles a busy gateway to 20 readings per round trip of its event loop.
+# Formatted with `port` and `host` only (bench/bench_roundtrip.py edits and formats it);
+# persistence needs a data directory and is added by `mosquitto_conf`.
 MOSQUITTO_CONF = """\
 listener {port} {host}
 allow_anonymous true
 set_tcp_nodelay true
-persistence false
-max_queued_messages 10000
+max_queued_messages 200000
+max_queued_bytes 268435456
+queue_qos0_messages true
+max_inflight_messages 1000
 log_dest stderr
 log_type error
 log_type warning
 """
+
+# Persistence: sessions and their queued readings survive a broker restart (saved on
+# SIGTERM and every autosave_interval). `user` names the account running the tests: run as
+# root, Mosquitto otherwise drops to the `mosquitto` user, which cannot write the data
+# directory it was given, and loses the save.
+MOSQUITTO_PERSISTENCE = """\
+persistence true
+persistence_location {data_dir}/
+autosave_interval 60
+user {user}
+"""
+
+
+def mosquitto_conf(port: int, host: str, data_dir: Path) -> str:
+    """The whole test/demo broker configuration: MOSQUITTO_CONF plus persistence."""
+    return MOSQUITTO_CONF.format(port=port, host=host) + MOSQUITTO_PERSISTENCE.format(
+        data_dir=data_dir, user=pwd.getpwuid(os.getuid()).pw_name)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,7 +94,8 @@ def mosquitto_binary() -> str | None:
 
 
 class Mosquitto:
-    """A Mosquitto process on loopback; restartable on the same port (for reconnect tests)."""
+    """A Mosquitto process on loopback; restartable on the same port (for reconnect tests),
+    keeping persistent sessions and retained messages across the restart like a real one."""
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
         binary = mosquitto_binary()
@@ -71,7 +106,9 @@ class Mosquitto:
         self.port = port or free_port(host)
         self._dir = tempfile.TemporaryDirectory(prefix="scgw-mosquitto-")
         self.conf_path = Path(self._dir.name) / "mosquitto.conf"
-        self.conf_path.write_text(MOSQUITTO_CONF.format(port=self.port, host=host))
+        self.data_dir = Path(self._dir.name) / "data"
+        self.data_dir.mkdir()
+        self.conf_path.write_text(mosquitto_conf(self.port, host, self.data_dir))
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -22,6 +22,9 @@ def demo(
     duration: Annotated[
         float | None, typer.Option(help="Stop after this many seconds (default: run until Ctrl-C).")
     ] = None,
+    influxdb_url: Annotated[
+        str | None, typer.Option(help="Also write telemetry to this InfluxDB 1.x (/write).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """A whole virtual community on this machine: broker, simulators, gateway, API."""
@@ -31,4 +34,4 @@ def demo(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-    asyncio.run(run_demo(data_dir, port, duration, announce=typer.echo))
+    asyncio.run(run_demo(data_dir, port, duration, announce=typer.echo, influxdb_url=influxdb_url))

@@ -77,10 +77,15 @@ async def start_broker() -> AsyncIterator[Broker]:
 
 
 def demo_config(
-    broker: Broker, db_url: str, api_port: int, modbus_devices: list[dict[str, Any]]
+    broker: Broker, db_url: str, api_port: int, modbus_devices: list[dict[str, Any]],
+    influxdb_url: str | None = None,
 ) -> SiteConfig:
+    extra: dict[str, Any] = {}
+    if influxdb_url is not None:  # InfluxDB 1.x (/write); a v2 server needs a site file
+        extra["influxdb"] = {"url": influxdb_url, "api": "v1", "database": "scgw"}
     return SiteConfig.model_validate(
         {
+            **extra,
             "site": {"id": "demo", "name": "scgw demo community"},
             "mqtt": {"url": f"mqtt://{broker.host}:{broker.port}", "root": ROOT},
             "database": {"url": db_url},
@@ -132,6 +137,7 @@ async def run_demo(
     api_port: int,
     duration_s: float | None,
     announce: Callable[[str], None] = log.info,
+    influxdb_url: str | None = None,
 ) -> None:
     db_url = await asyncio.to_thread(_fresh_data_dir, data_dir)
     stop = asyncio.Event()
@@ -142,7 +148,7 @@ async def run_demo(
         async with AsyncExitStack() as stack:
             broker = await stack.enter_async_context(start_broker())
             modbus_devices = await stack.enter_async_context(_modbus_units())
-            config = demo_config(broker, db_url, api_port, modbus_devices)
+            config = demo_config(broker, db_url, api_port, modbus_devices, influxdb_url)
             await asyncio.to_thread(db.upgrade, db_url)
             engine = db.make_engine(db_url)
             stack.callback(engine.dispose)

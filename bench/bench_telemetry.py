@@ -1,0 +1,232 @@
+"""Energy telemetry (issue 9): ingest, writer, freshness, memory and access under load.
+
+Everything runs against real Mosquitto and InfluxDB 1.x, with `scgw run` (and its telemetry
+worker child) as separate processes. Each ratio is against a peer measured in the same run:
+
+- ingest: N single-reading messages through `mosquitto_pub -l` until all N are queryable in
+  InfluxDB, vs the same N into `mosquitto_sub | wc -l` (target >= 0.35x);
+- writer: the spool + v1 writer draining M points into InfluxDB vs raw gzip `/write` POSTs
+  of 5,000 lines (target >= 0.5x);
+- at 2,000 readings/s for 20 s: reading -> queryable p99 (target <= 2 s), RSS of gateway
+  plus worker (target <= 150 MB), and card access p99 vs idle (target within 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import httpx
+
+from bench.bench_flood import present_cards, wait_for_gateway
+from bench.harness import gateway_process, percentile
+from device_drivers.vocabulary import Reading
+from gateway.telemetry.records import encode_readings
+from gateway.telemetry.spool import Spool
+from gateway.telemetry.writers import build_writer
+from simulators.demo.broker import Mosquitto
+from tests.influx_servers import InfluxDB, influxdb_server
+
+METERS = 20
+
+
+def reading_lines(path: Path, count: int, first_seq: int = 1) -> None:
+    now = time.time()
+    with path.open("w") as out:
+        for i in range(count):
+            out.write(json.dumps({"ts": now + i * 1e-4, "seq": first_seq + i,
+                                  "metrics": {"power_w": 1000.0 + i % 97}}) + "\n")
+
+
+def publish_file(broker: Mosquitto, lines: Path, device: str) -> subprocess.Popen[bytes]:
+    pub = shutil.which("mosquitto_pub")
+    assert pub is not None, "mosquitto_pub missing (apt-get install mosquitto-clients)"
+    return subprocess.Popen([pub, "-h", broker.host, "-p", str(broker.port), "-q", "1", "-l",
+                             "-t", f"scgw/devices/{device}/telemetry"], stdin=lines.open("rb"))
+
+
+def peer_sub_rate(broker: Mosquitto, lines: Path, count: int) -> float:
+    sub = shutil.which("mosquitto_sub")
+    assert sub is not None
+    reader = subprocess.Popen(f"{sub} -h {broker.host} -p {broker.port} -q 1 -C {count} "
+                              f"-t 'peer/devices/+/telemetry' | wc -l", shell=True,
+                              stdout=subprocess.PIPE)
+    time.sleep(0.5)
+    started = time.monotonic()
+    pub = subprocess.Popen([shutil.which("mosquitto_pub") or "mosquitto_pub", "-h", broker.host,
+                            "-p", str(broker.port), "-q", "1", "-l",
+                            "-t", "peer/devices/m-0/telemetry"], stdin=lines.open("rb"))
+    out, _ = reader.communicate(timeout=300)
+    elapsed = time.monotonic() - started
+    pub.wait(10)
+    assert int(out) == count, out
+    return count / elapsed
+
+
+def points(influx: InfluxDB, device: str | None = None) -> int:
+    where = f" WHERE device_id = '{device}'" if device else ""
+    rows = influx.query(f"SELECT count(seq) FROM telemetry{where}")
+    return int(rows[0]["values"][0][1]) if rows and rows[0].get("values") else 0
+
+
+def rss_mb(pid: int) -> float:
+    total = 0.0
+    for p in [pid, *_children(pid)]:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(c) for c in found]
+
+
+def measure_ingest(broker: Mosquitto, influx: InfluxDB, work: Path, count: int) -> float:
+    lines = work / "ingest.jsonl"
+    reading_lines(lines, count)
+    started = time.monotonic()
+    publish_file(broker, lines, "meter-0").wait(300)
+    deadline = started + 300
+    while points(influx, "meter-0") < count:
+        assert time.monotonic() < deadline, f"only {points(influx, 'meter-0')} of {count}"
+        time.sleep(0.2)
+    return count / (time.monotonic() - started)
+
+
+def measure_writer(influx: InfluxDB, work: Path, count: int) -> dict[str, float]:
+    readings = [Reading(f"w-{i % METERS}", "meter", 1.7e9 + i * 1e-3, {"power_w": float(i)}, i)
+                for i in range(count)]
+    records, _ = encode_readings(readings, "bench-raw")
+    body = [b"\n".join(records[i:i + 5000]) for i in range(0, len(records), 5000)]
+    influx.query("CREATE DATABASE raw")
+    started = time.monotonic()
+    with httpx.Client() as http:
+        for chunk in body:
+            http.post(f"{influx.url}/write", params={"db": "raw", "precision": "ms"},
+                      content=gzip.compress(chunk, 1),
+                      headers={"Content-Encoding": "gzip"}).raise_for_status()
+    raw = count / (time.monotonic() - started)
+    records, _ = encode_readings(readings, "bench-writer")
+    with Spool(work / "writer-spool", ["influxdb"]) as spool:
+        spool.append(records)
+        writer = build_writer(spool, api="v1", url=influx.url, database="scgw")
+        thread = threading.Thread(target=writer.run, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        while writer.written < count:
+            time.sleep(0.01)
+        ours = count / (time.monotonic() - started)
+        writer.stop()
+        thread.join(10)
+    return {"raw_points_per_s": round(raw), "writer_points_per_s": round(ours),
+            "ratio": round(ours / raw, 2)}
+
+
+async def steady_load(broker: Mosquitto, influx: InfluxDB, gateway_pid: int, card: str,
+                      rate: int, seconds: float) -> dict[str, Any]:
+    sent: dict[tuple[str, int], float] = {}
+    seen_latency: list[float] = []
+    stop = asyncio.Event()
+    rss: list[float] = []
+
+    async def produce() -> None:
+        async with aiomqtt.Client(broker.host, broker.port) as client:
+            seq = 10_000_000
+            started = time.monotonic()
+            tick = 0
+            while time.monotonic() - started < seconds:
+                for i in range(rate // 10):
+                    device = f"meter-{i % METERS}"
+                    seq += 1
+                    sent[(device, seq)] = time.time()
+                    await client.publish(f"scgw/devices/{device}/telemetry", json.dumps(
+                        {"ts": time.time(), "seq": seq, "metrics": {"power_w": 1.0}}), qos=1)
+                tick += 1
+                await asyncio.sleep(max(0.0, started + tick * 0.1 - time.monotonic()))
+        stop.set()
+
+    async def observe() -> None:
+        last: dict[str, int] = {}
+        while not stop.is_set() or len(seen_latency) < len(sent) * 0.99:
+            rows = await asyncio.to_thread(
+                influx.query, "SELECT last(seq) FROM telemetry WHERE time > now() - 1m "
+                              "AND seq > 10000000 GROUP BY device_id")
+            now = time.time()
+            for row in rows:
+                device = row["tags"]["device_id"]
+                newest = int(row["values"][0][1])
+                for s in range(last.get(device, 10_000_000) + 1, newest + 1):
+                    if (device, s) in sent:
+                        seen_latency.append(now - sent[(device, s)])
+                last[device] = newest
+            rss.append(rss_mb(gateway_pid))
+            if stop.is_set() and time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+
+    deadline = time.monotonic() + seconds + 30
+    observer = asyncio.create_task(observe())
+    producer = asyncio.create_task(produce())
+    access = await present_cards(broker.host, broker.port, card, int(seconds / 0.05), 0.05)
+    await producer
+    await observer
+    return {"readings_sent": len(sent), "queryable_seen": len(seen_latency),
+            "queryable_p50_s": round(percentile(seen_latency, 0.5), 3),
+            "queryable_p99_s": round(percentile(seen_latency, 0.99), 3),
+            "rss_max_mb_gateway_plus_worker": round(max(rss), 1), "access": access}
+
+
+async def main(count: int) -> dict[str, Any]:
+    meters = [{"device_id": f"meter-{i}", "kind": "meter"} for i in range(METERS)]
+    with tempfile.TemporaryDirectory() as tmp, influxdb_server() as influx, \
+            Mosquitto() as broker:
+        work = Path(tmp)
+        peer_lines = work / "peer.jsonl"
+        reading_lines(peer_lines, count)
+        peer = peer_sub_rate(broker, peer_lines, count)
+        writer = measure_writer(influx, work, 100_000)
+        procs: list[subprocess.Popen[bytes]] = []
+        site = {"influxdb": {"url": influx.url, "api": "v1", "database": "scgw"},
+                "telemetry": {"spool_dir": str(work / "spool")}}
+        with gateway_process(broker, work, meters, site_extra=site, processes=procs) as people:
+            card = people.residents[0].cards["gate"]
+            await wait_for_gateway(broker.host, broker.port, card)
+            idle = await present_cards(broker.host, broker.port, card, 200, 0.05)
+            ingest = await asyncio.to_thread(measure_ingest, broker, influx, work, count)
+            load = await steady_load(broker, influx, procs[0].pid, card, 2000, 20.0)
+    flood_p99 = load["access"]["p99_ms"]
+    return {
+        "ingest": {"messages": count, "gateway_msg_per_s": round(ingest),
+                   "mosquitto_sub_msg_per_s": round(peer), "ratio": round(ingest / peer, 2),
+                   "target": ">= 0.35"},
+        "writer": {**writer, "target": ">= 0.5"},
+        "at_2000_per_s": {**load, "access_idle": idle,
+                          "access_p99_ratio": round(flood_p99 / idle["p99_ms"], 2)
+                          if flood_p99 and idle["p99_ms"] else None,
+                          "targets": "queryable p99 <= 2 s, RSS <= 150 MB, access <= 1.5x"},
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=100_000)
+    args = parser.parse_args()
+    print(json.dumps(asyncio.run(main(args.messages)), indent=2))

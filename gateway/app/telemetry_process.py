@@ -1,0 +1,99 @@
+"""Runs the telemetry worker (gateway.telemetry.worker) as a child process of the gateway.
+
+Telemetry ingest lives in its own process so that a device flooding readings competes with
+access decisions for nothing but CPU time: the access loop never parses a reading. The
+child gets the site configuration as JSON on stdin (secrets included, so they never appear
+on a command line or in the environment of other children) and is supervised like any
+task: a non-zero exit is a crash, restarted with backoff by the runtime's Supervisor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+
+from gateway.config import SiteConfig
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 10.0  # the worker flushes the spool and stops its writers in this time
+
+
+class TelemetryWorkerExited(RuntimeError):
+    """The worker ended without being asked to."""
+
+
+def config_with_secrets(config: SiteConfig) -> str:
+    """The site config as JSON for the child, secrets revealed (only ever sent on a pipe)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, BaseModel):
+            return {name: plain(getattr(value, name)) for name in type(value).model_fields}
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return json.dumps(plain(config))
+
+
+class TelemetryProcess:
+    """The worker child: `run` is the supervised task's body, `stop` the orderly end."""
+
+    def __init__(self, config: SiteConfig) -> None:
+        self._config = config
+        self._stopping = False
+        self.process: asyncio.subprocess.Process | None = None
+        self.starts = 0
+
+    async def run(self) -> None:
+        self.starts += 1
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.telemetry.worker",
+            stdin=asyncio.subprocess.PIPE,
+        )
+        self.process = proc
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(config_with_secrets(self._config).encode())
+            await proc.stdin.drain()
+            proc.stdin.close()
+            code = await proc.wait()
+        except BaseException:
+            # Cancelled without stop() (the process is going down on a failure): no orphan.
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            raise
+        if self._stopping:
+            return
+        raise TelemetryWorkerExited(f"telemetry worker exited with status {code}")
+
+    async def stop(self) -> None:
+        """SIGTERM, then wait for the worker to flush its spool; kill only past the grace."""
+        self._stopping = True
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            log.error("telemetry worker did not stop within %.0f s; killing it", STOP_GRACE_S)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

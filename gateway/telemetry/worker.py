@@ -1,0 +1,384 @@
+"""The telemetry worker: its own process from MQTT to the spool, and from the spool to the sinks.
+
+Why a process of its own: a telemetry flood then competes with access decisions for CPU
+time only, never for the main process's event loop or its GIL (measured by the lead). The
+main gateway no longer subscribes to telemetry; it publishes Modbus-polled readings on the
+contract topic `{root}/devices/{id}/telemetry`, so this worker ingests MQTT devices and Modbus
+units alike.
+
+    python -m gateway.telemetry.worker  < site-config.json
+
+reads the site configuration as JSON on stdin (`SiteConfig`, secrets revealed, as
+gateway.app.telemetry_process writes it: never on a command line, never logged) and runs until
+SIGTERM/SIGINT: exit 0 after an orderly stop, 1 when a thread died or the spool could not be
+opened (the main process's supervisor restarts it), 2 for a configuration it cannot read.
+`run_worker(config, stop)` is the same in-process, for tests.
+
+Threads: paho's network thread (ingest on the fast path: parse, dedupe, encode, append to
+the spool before the PUBACK, see worker_mqtt.py), the local-store consumer (worker_local.py),
+the InfluxDB writer when `influxdb` is configured (writers.py), the spool's fsync thread, and
+the main thread, which publishes the health report every 2 s as a retained message on
+`{root}/gateway/{site}/telemetry` (the last will on that topic says `{"online": false}`) and
+watches for a dead thread. The MQTT session is persistent (v5, clean start off, one day's
+session expiry, stable client id `scgw-{site}-telemetry`, QoS 1), so readings published while
+the worker restarts wait at the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+
+from device_drivers.vocabulary import Reading
+from gateway.config import SiteConfig
+from gateway.store.db import make_engine
+from gateway.telemetry.health import health_topic
+from gateway.telemetry.ingest import Ingest
+from gateway.telemetry.records import encode_reading
+from gateway.telemetry.rollups import RollupStore
+from gateway.telemetry.spool import Spool
+from gateway.telemetry.worker_local import LocalStoreConsumer
+from gateway.telemetry.worker_mqtt import IngestClient, session_properties
+from gateway.telemetry.worker_seed import seed_from_spool
+from gateway.telemetry.writers import InfluxWriter, build_writer
+
+log = logging.getLogger("gateway.telemetry.worker")  # also when run as __main__
+
+SESSION_EXPIRY_S = 86_400
+HEALTH_EVERY_S = 2.0
+MEMO_MAX = 20_000  # readings kept for the local store between append and read (~10 MB)
+STOP_JOIN_S = 5.0  # the main process kills the worker 10 s after SIGTERM
+
+
+def client_id(config: SiteConfig) -> str:
+    """Stable across restarts: the broker keeps the session (and queued readings) by it."""
+    return f"scgw-{config.site.id}-telemetry"
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
+class SpoolIngestor:
+    """The MQTT sink: each message through `Ingest`, its records appended on `flush()`.
+
+    Records are gathered per network read and appended in one call just before the PUBACKs
+    of that read are queued, so an acknowledged reading is always in the spool. `memo` maps
+    a record to its `Reading` for the local-store consumer, which then skips decoding the
+    line it reads back (measured: decoding cost more than all of ingest); bounded, and only
+    a shortcut: a record missing from it (after a restart, a drop, a full memo) is decoded.
+    """
+
+    def __init__(self, ingest: Ingest, spool: Spool, *, root: str, site: str,
+                 memo: dict[bytes, Reading] | None = None, memo_max: int = MEMO_MAX,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.ingest, self.spool, self.site, self.clock = ingest, spool, site, clock
+        self.memo, self.memo_max = memo, memo_max
+        self._prefix, self._suffix = f"{root}/devices/".encode(), b"/telemetry"
+        self._known = set(ingest.kinds)
+        self._devices: dict[bytes, str] = {}
+        self._pending: list[bytes] = []
+
+    def _device(self, topic: bytes) -> str:
+        device = self._devices.get(topic)
+        if device is None:
+            raw = topic
+            if topic.startswith(self._prefix) and topic.endswith(self._suffix):
+                raw = topic[len(self._prefix):-len(self._suffix)]
+            device = raw.decode(errors="replace")
+            if device in self._known:  # bounded by the registry; unknown ids stay uncached
+                self._devices[topic] = device
+        return device
+
+    def message(self, topic: bytes, payload: bytes) -> None:
+        readings = self.ingest.message(self._device(topic), payload, self.clock())
+        memo = self.memo
+        for reading in readings:
+            record = encode_reading(reading, self.site)
+            if record is None:
+                self.ingest.refused["unwritable"] += 1
+                continue
+            self._pending.append(record)
+            if memo is not None and len(memo) < self.memo_max:
+                memo[record] = reading
+
+    def flush(self) -> None:
+        if self._pending:
+            records, self._pending = self._pending, []
+            self.spool.append(records)
+
+
+class TelemetryWorker:
+    """Owns the spool, the MQTT client and the sink threads of one worker run."""
+
+    def __init__(self, config: SiteConfig, *, fast_path: bool = True,
+                 health_every_s: float = HEALTH_EVERY_S, retry_max_s: float = 30.0) -> None:
+        self.config, self.fast_path, self.health_every_s = config, fast_path, health_every_s
+        self.retry_max_s = retry_max_s
+        self.site, self.root = config.site.id, config.mqtt.root
+        self.topic = health_topic(self.root, self.site)
+        self.ingest = Ingest({d.device_id: d.kind for d in config.devices})
+        self.failure: str | None = None
+        self.started_at = time.time()
+        self.connects = 0
+        self.subscribed = False
+        self._wake = threading.Event()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
+        self._rate = (time.monotonic(), 0)
+
+    # ---- threads ------------------------------------------------------------------------
+
+    def _died(self, what: str) -> None:
+        if self.failure is None:
+            self.failure = what
+        self._wake.set()
+
+    def _start(self, name: str, target: Callable[[], None]) -> None:
+        def guarded() -> None:
+            try:
+                target()
+            except BaseException:
+                log.exception("telemetry worker thread %r died", name)
+                self._died(f"thread {name} died")
+                raise
+        thread = threading.Thread(target=guarded, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _excepthook(self, args: threading.ExceptHookArgs) -> None:
+        """Threads not started by `_start` (paho's network thread) end the worker too."""
+        name = args.thread.name if args.thread is not None else "?"
+        if not any(t is args.thread for t in self._threads):
+            log.error("telemetry worker thread %r died", name, exc_info=args.exc_value)
+            self._died(f"thread {name} died")
+
+    # ---- MQTT ---------------------------------------------------------------------------
+
+    def _client(self, sink: SpoolIngestor) -> IngestClient:
+        mqtt_cfg = self.config.mqtt
+        client = IngestClient(client_id(self.config), sink, fast_path=self.fast_path)
+        if mqtt_cfg.username is not None:
+            client.username_pw_set(mqtt_cfg.username, _secret(mqtt_cfg.password))
+        if mqtt_cfg.tls:
+            client.tls_set_context(ssl.create_default_context())
+        client.reconnect_delay_set(max(1, round(mqtt_cfg.reconnect_min_s)),
+                                   max(1, round(mqtt_cfg.reconnect_max_s)))
+        client.will_set(self.topic, json.dumps({"online": False, "site": self.site,
+                                                "reason": "connection lost"}),
+                        qos=1, retain=True)
+        subscription = f"{self.root}/devices/+/telemetry"
+
+        def on_connect(c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+            if reason.is_failure:
+                log.error("MQTT broker refused the telemetry worker: %s", reason)
+                return
+            self.connects += 1
+            log.info("telemetry worker connected to %s (session %s)", mqtt_cfg.url,
+                     "resumed" if flags.session_present else "new: nothing was queued")
+            c.subscribe(subscription, qos=1)
+
+        def on_subscribe(_c: Any, _u: Any, _mid: Any, reasons: Any, _p: Any) -> None:
+            self.subscribed = not any(r.is_failure for r in reasons)
+            if not self.subscribed:
+                log.error("MQTT broker refused the subscription to %s: %s (check its ACL)",
+                          subscription, [str(r) for r in reasons])
+
+        def on_disconnect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            self.subscribed = False
+            if not self._stopping:
+                log.warning("telemetry worker lost the MQTT connection (%s); reconnecting",
+                            reason)
+
+        client.on_connect, client.on_subscribe = on_connect, on_subscribe
+        client.on_disconnect = on_disconnect
+        client.connect_async(mqtt_cfg.host, mqtt_cfg.port, mqtt_cfg.keepalive_s,
+                             clean_start=False, properties=session_properties(SESSION_EXPIRY_S))
+        return client
+
+    # ---- health -------------------------------------------------------------------------
+
+    def health(self, spool: Spool, client: IngestClient | None, local: LocalStoreConsumer,
+               writer: InfluxWriter | None, *, online: bool = True) -> dict[str, Any]:
+        """The retained report that gateway.telemetry.health reads for /readyz and /metrics:
+
+        `{"online", "site", "pid", "ts", "started_at",
+          "mqtt": {"connected", "subscribed", "connects", "fast_path"},
+          "ingest": {"messages", "accepted", "duplicates", "gaps", "missing", "seq_resets",
+                     "refused": {reason: n}, "msg_per_s"},
+          "spool": {"bytes", "max_bytes", "disk_bytes", "buffered_bytes", "segments",
+                    "appended", "dropped", "written_recno", "synced_recno", "truncated_bytes",
+                    "consumers": {name: {"depth_records", "depth_bytes", "oldest_age_s",
+                                         "dropped"}}},
+          "sinks": {"local" | "influxdb": {"state", "lag_s", "written", "retries",
+                                           "quarantined", "last_error"}}}`
+        """
+        stats = spool.stats()
+        now, mono = time.time(), time.monotonic()
+        before_t, before_n = self._rate
+        self._rate = (mono, self.ingest.messages)
+        rate = (self.ingest.messages - before_n) / max(mono - before_t, 1e-6)
+        consumers = {name: {"depth_records": c.depth_records, "depth_bytes": c.depth_bytes,
+                            "oldest_age_s": c.oldest_age_s, "dropped": c.dropped}
+                     for name, c in stats.consumers.items()}
+        sinks: dict[str, dict[str, Any]] = {"local": {
+            "state": local.state, "lag_s": stats.consumers["local"].oldest_age_s or 0.0,
+            "written": local.written, "retries": local.retries,
+            "quarantined": local.quarantined, "last_error": local.last_error}}
+        if writer is not None:
+            sinks["influxdb"] = {
+                "state": str(writer.state),
+                "lag_s": stats.consumers["influxdb"].oldest_age_s or 0.0,
+                "written": writer.written, "retries": writer.retries,
+                "quarantined": writer.quarantined, "last_error": writer.last_error}
+        return {
+            "online": online, "site": self.site, "pid": os.getpid(), "ts": now,
+            "started_at": self.started_at,
+            "mqtt": {"connected": client is not None and client.is_connected(),
+                     "subscribed": self.subscribed, "connects": self.connects,
+                     "fast_path": client is not None and client.fast_path},
+            "ingest": {**self.ingest.counters(), "msg_per_s": round(rate, 1)},
+            "spool": {"bytes": stats.disk_bytes + stats.buffered_bytes,
+                      "max_bytes": spool.max_bytes, "disk_bytes": stats.disk_bytes,
+                      "buffered_bytes": stats.buffered_bytes, "segments": stats.segments,
+                      "appended": stats.appended, "dropped": stats.dropped,
+                      "written_recno": stats.written_recno, "synced_recno": stats.synced_recno,
+                      "truncated_bytes": stats.truncated_bytes, "consumers": consumers},
+            "sinks": sinks,
+        }
+
+    # ---- running ------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> int:
+        telemetry = self.config.telemetry
+        directory = Path(self.config.spool_directory)
+        consumers = ["local"] + (["influxdb"] if self.config.influxdb is not None else [])
+        try:
+            spool = Spool(directory, consumers, max_bytes=telemetry.spool_max_bytes,
+                          fsync_interval_s=telemetry.fsync_interval_s)
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.error("telemetry worker cannot open the spool %s: %s", directory, exc)
+            return 1
+        try:
+            seed_from_spool(directory, self.ingest, spool.max_record_bytes)
+            engine = make_engine(self.config.database.url)
+            writer = self._writer(spool, directory)
+        except BaseException:
+            spool.close()
+            raise
+        memo: dict[bytes, Reading] = {}
+        local = LocalStoreConsumer(spool, RollupStore(engine, telemetry.local_retention_days),
+                                   memo=memo, backoff_max_s=self.retry_max_s)
+        previous_hook, threading.excepthook = threading.excepthook, self._excepthook
+        client: IngestClient | None = None
+        try:
+            self._start("telemetry-local", local.run)
+            if writer is not None:
+                self._start("telemetry-influxdb", writer.run)
+            sink = SpoolIngestor(self.ingest, spool, root=self.root, site=self.site, memo=memo)
+            client = self._client(sink)
+            client.loop_start()
+            log.info("telemetry worker for site %s: spool %s, sinks %s", self.site, directory,
+                     ", ".join(consumers))
+            next_health = 0.0
+            while not stop.is_set() and self.failure is None:
+                if time.monotonic() >= next_health:
+                    next_health = time.monotonic() + self.health_every_s
+                    self._publish(client, self.health(spool, client, local, writer))
+                self._wake.wait(min(0.2, max(0.0, next_health - time.monotonic())))
+        finally:
+            self._stopping = True  # from here on a disconnect is expected
+            self._shutdown(spool, client, local, writer)
+            threading.excepthook = previous_hook
+            engine.dispose()
+        if self.failure is not None:
+            log.error("telemetry worker ends: %s", self.failure)
+            return 1
+        log.info("telemetry worker stopped")
+        return 0
+
+    def _writer(self, spool: Spool, directory: Path) -> InfluxWriter | None:
+        influx = self.config.influxdb
+        if influx is None:
+            return None
+        return build_writer(spool, api=influx.api, url=influx.url, database=influx.database,
+                            org=influx.org, bucket=influx.bucket, token=_secret(influx.token),
+                            username=influx.username, password=_secret(influx.password),
+                            quarantine_path=directory / "quarantine.jsonl")
+
+    def _publish(self, client: IngestClient, report: dict[str, Any]) -> None:
+        if client.is_connected():
+            client.publish(self.topic, json.dumps(report, separators=(",", ":")), qos=1,
+                           retain=True)
+
+    def _shutdown(self, spool: Spool, client: IngestClient | None, local: LocalStoreConsumer,
+                  writer: InfluxWriter | None) -> None:
+        """Ingest off first (nothing more to append), then the sinks, then the spool."""
+        if client is not None:
+            if client.is_connected():
+                info = client.publish(self.topic, json.dumps(
+                    self.health(spool, client, local, writer, online=False)), qos=1,
+                    retain=True)
+                try:
+                    info.wait_for_publish(timeout=2.0)
+                except (RuntimeError, ValueError):
+                    pass
+            client.disconnect()  # session kept: readings queue at the broker meanwhile
+            client.loop_stop()
+        local.stop()
+        if writer is not None:
+            writer.stop()
+        deadline = time.monotonic() + STOP_JOIN_S
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                log.warning("telemetry worker: %s did not stop in time", thread.name)
+        spool.close()  # final write and fsync
+        if writer is not None:
+            writer.transport.close()
+
+
+def run_worker(config: SiteConfig, stop: threading.Event | None = None) -> int:
+    """Run the worker until `stop` is set; the process exit code (0 orderly, 1 failed)."""
+    return TelemetryWorker(config).run(stop or threading.Event())
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s telemetry-worker %(levelname)s %(name)s: "
+                               "%(message)s")
+    try:
+        config = SiteConfig.model_validate(json.loads(sys.stdin.buffer.read()))
+    except ValidationError as exc:  # never echo the input: it holds the secrets
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in exc.errors(include_input=False))
+        log.error("telemetry worker: unusable site configuration on stdin: %s", problems)
+        return 2
+    except ValueError as exc:
+        log.error("telemetry worker: the site configuration on stdin is not JSON (%s)",
+                  type(exc).__name__)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("telemetry worker: %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return run_worker(config, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
