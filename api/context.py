@@ -37,4 +37,7 @@ class ApiContext:
     metrics: Registry
     publish: Callable[[str, bytes], Awaitable[None]]
     ready: Callable[[], bool] = lambda: True
+    # Lines naming what is wrong (a sink behind, the telemetry worker silent); the API
+    # shows them on /readyz. `ready` stays the gate for serving at all.
+    problems: Callable[[], list[str]] = list
     services: ApiServices = field(default_factory=ApiServices)

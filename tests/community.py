@@ -42,9 +42,11 @@ def site_config(
     root: str,
     ble_readers: tuple[str, ...] = (),
     extra_devices: Sequence[dict[str, Any]] = (),
+    site_extra: dict[str, Any] | None = None,
 ) -> SiteConfig:
     return SiteConfig.model_validate(
         {
+            **(site_extra or {}),
             "site": {"id": "test"},
             "mqtt": {"url": broker.url, "root": root, "reconnect_min_s": 0.05,
                      "reconnect_max_s": 0.5},
@@ -66,10 +68,11 @@ async def running_gateway(
     ble_readers: tuple[str, ...] = (),
     ble_backend: type[BaseBleakScanner] | None = None,
     extra_devices: Sequence[dict[str, Any]] = (),
+    site_extra: dict[str, Any] | None = None,
 ) -> AsyncIterator[Running]:
     root = f"t{secrets.token_hex(4)}"  # isolates tests sharing one broker
     db_url = f"sqlite:///{tmp_path / 'gw.db'}"
-    config = site_config(broker, db_url, root, ble_readers, extra_devices)
+    config = site_config(broker, db_url, root, ble_readers, extra_devices, site_extra)
     db.upgrade(db_url)
     engine = db.make_engine(db_url)
     people = seed_demo(engine, config)

@@ -39,6 +39,7 @@ class HealthOut(BaseModel):
 
 class ReadyOut(BaseModel):
     ready: bool
+    problems: list[str] = []  # e.g. "influxdb: behind by 42 s (retrying) ..."
 
 
 @router.get("/healthz", response_model=HealthOut)
@@ -49,10 +50,16 @@ async def healthz() -> HealthOut:
 @router.get("/readyz", response_model=ReadyOut,
             responses={503: {"model": ReadyOut, "description": "not connected to the broker"}})
 async def readyz(ctx: Ctx, response: Response) -> ReadyOut:
+    problems = ctx.problems()
     ready = ctx.ready()
     if not ready:
+        problems = ["mqtt: not connected to the broker", *problems]
+    # A sink that is behind is degraded, not down: the spool holds its readings. A silent
+    # telemetry worker or a lost broker is down.
+    ready = ready and not any(p.startswith("telemetry worker") for p in problems)
+    if not ready:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return ReadyOut(ready=ready)
+    return ReadyOut(ready=ready, problems=problems)
 
 
 @router.get("/metrics", response_class=PrometheusText,

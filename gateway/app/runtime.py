@@ -250,6 +250,7 @@ class Gateway:
             metrics=self.metrics,
             publish=self._publish,
             ready=lambda: link is not None and link.connected.is_set(),
+            problems=self.telemetry_health.problems,
             services=services,
         )
         app = create_app(ctx, [*all_extra_routers(), *self._extra_routers])
