@@ -34,7 +34,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +82,10 @@ class SpoolIngestor:
 
     def __init__(self, ingest: Ingest, spool: Spool, *, root: str, site: str,
                  memo: dict[bytes, Reading] | None = None, memo_max: int = MEMO_MAX,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 buildings: Mapping[str, str | None] | None = None) -> None:
         self.ingest, self.spool, self.site, self.clock = ingest, spool, site, clock
+        self._buildings = dict(buildings or {})  # the optional `building` tag per device
         self.memo, self.memo_max = memo, memo_max
         self._prefix, self._suffix = f"{root}/devices/".encode(), b"/telemetry"
         self._known = set(ingest.kinds)
@@ -105,7 +107,8 @@ class SpoolIngestor:
         readings = self.ingest.message(self._device(topic), payload, self.clock())
         memo = self.memo
         for reading in readings:
-            record = encode_reading(reading, self.site)
+            record = encode_reading(reading, self.site,
+                                    self._buildings.get(reading.device_id))
             if record is None:
                 self.ingest.refused["unwritable"] += 1
                 continue
@@ -286,7 +289,9 @@ class TelemetryWorker:
             self._start("telemetry-local", local.run)
             if writer is not None:
                 self._start("telemetry-influxdb", writer.run)
-            sink = SpoolIngestor(self.ingest, spool, root=self.root, site=self.site, memo=memo)
+            sink = SpoolIngestor(self.ingest, spool, root=self.root, site=self.site, memo=memo,
+                                 buildings={d.device_id: d.building
+                                            for d in self.config.devices})
             client = self._client(sink)
             client.loop_start()
             log.info("telemetry worker for site %s: spool %s, sinks %s", self.site, directory,

@@ -31,10 +31,15 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.client import time_func
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 256 * 1024
+MAX_PACKET_BYTES = 16 << 20
+"""Far above the contract's 64 KiB payloads (those are read and counted as `oversize`);
+bounds what one rogue publisher can make the worker buffer."""
 _PUBLISH, _PUBACK = 0x30, 0x40
 _OK = MQTTErrorCode.MQTT_ERR_SUCCESS
 _INTERNALS = ("_in_packet", "_packet_handle", "_loop_rc_handle", "_packet_queue", "_sock_recv",
@@ -67,7 +72,8 @@ class IngestClient(mqtt.Client):
             log.warning("paho-mqtt %s lacks %s: telemetry ingest uses stock paho (slower)",
                         getattr(mqtt, "__version__", "?"), ", ".join(missing))
         self.fast_path = fast_path and not missing and transport == "tcp"
-        self._pending = b""
+        self._pending = bytearray()
+        self._need = 0
         self.messages = 0
         self.on_message = self._stock_message  # QoS 2 and the fallback come this way
 
@@ -78,7 +84,7 @@ class IngestClient(mqtt.Client):
         self.sink.flush()
 
     def reconnect(self) -> MQTTErrorCode:
-        self._pending = b""  # a packet torn by the lost connection is not resumed
+        self._pending = bytearray()  # a packet torn by the lost connection is not resumed
         return super().reconnect()
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
@@ -98,7 +104,12 @@ class IngestClient(mqtt.Client):
             return self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
         with self._msgtime_mutex:
             self._last_bytes_received = time_func()
-        buf = self._pending + data if self._pending else data
+        if self._pending:  # the start of a packet that did not fit the last read
+            self._pending += data
+            if len(self._pending) < self._need:  # a big packet: no re-parse per read
+                return _OK
+            data, self._pending = bytes(self._pending), bytearray()
+        buf = data
         acks: list[bytes] = []
         before = self.messages
         try:
@@ -108,8 +119,21 @@ class IngestClient(mqtt.Client):
                 self.sink.flush()
             if acks:  # only after the sink has the readings: see the module docstring
                 self._packet_queue(_PUBACK, b"".join(acks), 0, 0)
-        self._pending = buf[used:]
+        if used < len(buf):
+            self._pending = bytearray(buf[used:])
+            self._need = self._packet_size(self._pending)
         return self._loop_rc_handle(rc) if rc else _OK
+
+    @staticmethod
+    def _packet_size(buf: bytearray) -> int:
+        """Bytes the packet starting `buf` needs in all (0 while its header is incomplete)."""
+        length, shift = 0, 0
+        for i in range(1, min(len(buf), 5)):
+            length |= (buf[i] & 0x7F) << shift
+            if buf[i] < 0x80:
+                return i + 1 + length
+            shift += 7
+        return 0
 
     def _frames(self, buf: bytes, acks: list[bytes]) -> tuple[MQTTErrorCode, int]:
         """Handle every whole packet in `buf`; (error code, bytes used)."""
@@ -175,13 +199,12 @@ class IngestClient(mqtt.Client):
         return rc
 
 
-def session_properties(expiry_s: int) -> Any:
-    """CONNECT properties: keep the session (and its queued readings) for `expiry_s`."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
+def session_properties(expiry_s: int, max_packet_bytes: int = MAX_PACKET_BYTES) -> Any:
+    """CONNECT properties: keep the session (and its queued readings) for `expiry_s`, and
+    never send us a packet over `max_packet_bytes` (the broker drops it instead)."""
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = expiry_s
+    props.MaximumPacketSize = max_packet_bytes
     return props
 
 
