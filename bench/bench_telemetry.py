@@ -111,7 +111,7 @@ def worker_ingest_rate(broker: Mosquitto, lines: Path) -> float:
 
 def points(influx: InfluxDB, device: str | None = None) -> int:
     where = f" WHERE device_id = '{device}'" if device else ""
-    rows = influx.query(f"SELECT count(seq) FROM telemetry{where}")
+    rows = influx.query(f"SELECT count(seq) FROM telemetry{where}", database="scgw")
     return int(rows[0]["values"][0][1]) if rows and rows[0].get("values") else 0
 
 
@@ -192,7 +192,7 @@ async def steady_load(broker: Mosquitto, influx: InfluxDB, gateway_pid: int, car
         while not stop.is_set() or len(seen_latency) < len(sent) * 0.99:
             rows = await asyncio.to_thread(
                 influx.query, "SELECT last(seq) FROM telemetry WHERE time > now() - 1m "
-                              "AND seq > 10000000 GROUP BY device_id")
+                              "AND seq > 10000000 GROUP BY device_id", database="scgw")
             now = time.time()
             for row in rows:
                 device = row["tags"]["device_id"]

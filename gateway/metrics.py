@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -75,7 +75,8 @@ class _Declared(Generic[_M]):
 class _Callback:
     kind: Literal["counter_func", "gauge"]
     help_text: str
-    read: Callable[[], float]
+    read: Callable[[], Any]  # a float, or {label values: float} when `labelnames` is set
+    labelnames: tuple[str, ...] = ()
 
 
 class Registry:
@@ -148,6 +149,17 @@ class Registry:
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """Expose a value that may go up and down, read through `read()` at every scrape."""
         self._callback(name, _Callback("gauge", help_text, read))
+
+    def labelled_func(
+        self, name: str, help_text: str, labelnames: tuple[str, ...],
+        read: Callable[[], Mapping[tuple[str, ...], float]], *, counter: bool,
+    ) -> None:
+        """Like counter_func/gauge, for values kept elsewhere by label (a child process's
+        counters by reason or by sink). The label values must come from bounded sets."""
+        if counter:
+            _require_total(name)
+        kind: Literal["counter_func", "gauge"] = "counter_func" if counter else "gauge"
+        self._callback(name, _Callback(kind, help_text, read, tuple(labelnames)))
 
     def _callback(self, name: str, callback: _Callback) -> None:
         with self._lock:
@@ -241,7 +253,10 @@ class Registry:
         yield from unused
         for name, callback in callbacks:
             try:
-                value = float(callback.read())
+                if callback.labelnames:
+                    labelled = {tuple(k): float(v) for k, v in callback.read().items()}
+                else:
+                    value = float(callback.read())
             except Exception:
                 with self._lock:
                     first = name not in self._failing
@@ -249,7 +264,14 @@ class Registry:
                 log.log(logging.WARNING if first else logging.DEBUG,
                         "metric %s: reading failed, left out", name, exc_info=first)
                 continue
-            if callback.kind == "gauge":
+            family: GaugeMetricFamily | CounterMetricFamily
+            if callback.labelnames:
+                family = (GaugeMetricFamily if callback.kind == "gauge" else CounterMetricFamily)(
+                    name, callback.help_text, labels=callback.labelnames)
+                for labels, number in sorted(labelled.items()):
+                    family.add_metric(list(labels), number)
+                yield family
+            elif callback.kind == "gauge":
                 yield GaugeMetricFamily(name, callback.help_text, value=value)
             else:
                 yield CounterMetricFamily(name, callback.help_text, value=value)

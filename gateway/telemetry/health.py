@@ -7,6 +7,7 @@ stops arriving is itself a problem, because a dead worker means readings pile up
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -89,6 +90,35 @@ class TelemetryHealth:
             metrics.counter_func(name, help_text, lambda p=path: self._number(*p))  # type: ignore[misc]
         metrics.gauge("scgw_spool_bytes", "Bytes in the telemetry spool.",
                       lambda: self._number("spool", "bytes"))
+        metrics.labelled_func(
+            "scgw_telemetry_refused_total", "Telemetry refused, by reason.", ("reason",),
+            lambda: {(str(k),): float(v) for k, v in self._section("ingest", "refused").items()},
+            counter=True)
+        metrics.labelled_func(
+            "scgw_spool_depth_records", "Spooled readings each sink has not written yet.",
+            ("sink",), lambda: self._per_consumer("depth_records"), counter=False)
+        metrics.labelled_func(
+            "scgw_spool_oldest_age_seconds", "Age of the oldest reading a sink has not written.",
+            ("sink",), lambda: self._per_consumer("oldest_age_s"), counter=False)
+        for field, help_text in (("written", "Readings written, by sink."),
+                                 ("retries", "Write attempts retried, by sink."),
+                                 ("quarantined", "Points refused by a sink and set aside.")):
+            metrics.labelled_func(f"scgw_sink_{field}_total", help_text, ("sink",),
+                                  functools.partial(self._per_sink, field), counter=True)
         metrics.gauge("scgw_telemetry_worker_up", "1 while the worker reports on time.",
                       lambda: 0.0 if any(p.startswith("telemetry worker")
                                          for p in self.problems()) else 1.0)
+
+    def _per_sink(self, field: str) -> dict[tuple[str, ...], float]:
+        return {(name,): float(s.get(field) or 0) for name, s in self._sinks().items()}
+
+    def _section(self, *path: str) -> dict[str, Any]:
+        node: Any = self.report
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else {}
+
+    def _per_consumer(self, field: str) -> dict[tuple[str, ...], float]:
+        consumers = self._section("spool", "consumers")
+        return {(str(name),): float(c.get(field) or 0) for name, c in consumers.items()
+                if isinstance(c, dict)}
