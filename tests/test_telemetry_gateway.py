@@ -12,6 +12,7 @@ import httpx
 
 from simulators.demo.broker import Mosquitto, free_port
 from tests.community import Running, running_gateway
+from tests.influx_servers import influxdb_server
 
 METERS = [
     {"device_id": "meter-b1", "kind": "meter", "building": "b1"},
@@ -101,3 +102,73 @@ async def test_readyz_names_an_influxdb_that_cannot_be_reached(
         ready = await http.get("/readyz")
         # Behind, not down: the spool holds the readings, the gateway keeps serving.
         assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+OUTAGE_S = 60.0
+RATE = 2000  # readings per second, in batches of 10 per message
+
+
+async def test_influxdb_down_for_a_minute_under_load_loses_nothing(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    devices = [{"device_id": f"m-{i}", "kind": "meter", "building": "b1"} for i in range(20)]
+    with influxdb_server() as influx:
+        site = {"influxdb": {"url": influx.url, "api": "v1", "database": "scgw"}}
+        async with running_gateway(mosquitto, tmp_path, extra_devices=devices,
+                                   site_extra=site) as run:
+            worker = run.gateway.telemetry_worker
+            assert worker is not None and worker.process is not None
+            sent = 0
+            rss: list[float] = []
+            seq = {d["device_id"]: 0 for d in devices}
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as client:
+                started = time.monotonic()
+                base = time.time() - 3600
+                tick = 0
+                stopped_at = started + 3.0
+                while time.monotonic() - started < OUTAGE_S + 8.0:
+                    now = time.monotonic()
+                    up = influx.process is not None and influx.process.poll() is None
+                    if up and stopped_at <= now < stopped_at + OUTAGE_S:
+                        await asyncio.to_thread(influx.stop)
+                    elif not up and now >= stopped_at + OUTAGE_S:
+                        await asyncio.to_thread(influx.start)
+                    for device in seq:  # RATE / 10 messages per second, 10 readings each
+                        batch = []
+                        for _ in range(RATE // 10 // len(seq)):
+                            seq[device] += 1
+                            # 5 ms apart: one series and millisecond is one point.
+                            batch.append({"ts": base + seq[device] * 0.005, "seq": seq[device],
+                                          "metrics": {"power_w": float(seq[device])}})
+                        await client.publish(f"{run.root}/devices/{device}/telemetry",
+                                             json.dumps({"readings": batch}), qos=1)
+                        sent += len(batch)
+                    rss.append(_rss_mb(worker.process.pid))
+                    tick += 1
+                    await asyncio.sleep(max(0.0, started + tick * 0.1 - time.monotonic()))
+            assert influx.process is not None and influx.process.poll() is None  # back up
+
+            def written() -> int:
+                rows = influx.query("SELECT count(seq) FROM telemetry", database="scgw")
+                return int(rows[0]["values"][0][1]) if rows else 0
+
+            deadline = time.monotonic() + 120
+            while (count := await asyncio.to_thread(written)) < sent:
+                assert time.monotonic() < deadline, f"{count} of {sent} written"
+                await asyncio.sleep(0.5)
+            assert count == sent  # none lost, none twice
+            per_device = await asyncio.to_thread(
+                influx.query, "SELECT count(seq), min(seq), max(seq) FROM telemetry "
+                              "GROUP BY device_id", database="scgw")
+            for row in per_device:
+                n, low, high = row["values"][0][1:]
+                assert (n, low, high) == (seq[row["tags"]["device_id"]], 1,
+                                          seq[row["tags"]["device_id"]])
+            assert max(rss) < 200, f"worker RSS grew to {max(rss):.0f} MB"

@@ -85,6 +85,7 @@ class Gateway:
         self.router: DeviceRouter | None = None
         self.link: MqttLink | None = None  # the control session; answers go out here
         self.telemetry_health = TelemetryHealth()
+        self.telemetry_worker: TelemetryProcess | None = None
         self.supervisor: Supervisor | None = None
         self._extra_routers = list(extra_routers)
         if config.api.enabled and config.api.jwt_secret is None:
@@ -162,7 +163,7 @@ class Gateway:
             on_control, supervisor,
             status_topic=gateway_status_topic(cfg.mqtt.root, cfg.site.id)))
         self._register_link_metrics()
-        worker = TelemetryProcess(cfg)
+        worker = self.telemetry_worker = TelemetryProcess(cfg)
         supervisor.spawn("telemetry-worker", worker.run)
         stack.push_async_callback(worker.stop)
         await self._start_ble_readers(stack, supervisor)

@@ -363,6 +363,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s telemetry-worker %(levelname)s %(name)s: "
                                "%(message)s")
+    # httpx logs every request at INFO: thousands of lines a minute from the writer.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         config = SiteConfig.model_validate(json.loads(sys.stdin.buffer.read()))
     except ValidationError as exc:  # never echo the input: it holds the secrets
