@@ -25,7 +25,7 @@ async def test_system_endpoints_and_roles(mosquitto: Mosquitto, tmp_path: Path) 
         httpx.AsyncClient(base_url=run.api, timeout=10) as http,
     ):
         assert (await http.get("/healthz")).json() == {"status": "ok"}
-        assert (await http.get("/readyz")).json() == {"ready": True}
+        assert (await http.get("/readyz")).json() == {"ready": True, "problems": []}
         metrics = (await http.get("/metrics")).text
         assert "# TYPE scgw_mqtt_connected gauge" in metrics
         assert "scgw_mqtt_connected 1" in metrics

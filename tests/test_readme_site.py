@@ -113,7 +113,7 @@ def _wait_ready(base: str, deadline: float, proc: subprocess.Popen[str], out: _O
             raise AssertionError(f"scgw run exited with {proc.returncode}:\n{out.text}")
         try:
             response = httpx.get(f"{base}/readyz", timeout=2.0)
-            if response.status_code == 200 and response.json() == {"ready": True}:
+            if response.status_code == 200 and response.json()["ready"] is True:
                 return
             last = f"{response.status_code} {response.text}"
         except httpx.HTTPError as exc:
