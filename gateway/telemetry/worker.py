@@ -57,6 +57,7 @@ log = logging.getLogger("gateway.telemetry.worker")  # also when run as __main__
 
 SESSION_EXPIRY_S = 86_400
 HEALTH_EVERY_S = 2.0
+NICENESS = 10  # lower CPU priority than the access process
 MEMO_MAX = 20_000  # readings kept for the local store between append and read (~10 MB)
 STOP_JOIN_S = 5.0  # the main process kills the worker 10 s after SIGTERM
 
@@ -365,6 +366,9 @@ def main() -> int:
                                "%(message)s")
     # httpx logs every request at INFO: thousands of lines a minute from the writer.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Readings can wait in the broker and the spool; a resident at a gate cannot. When the
+    # cores are contended, the scheduler should run the access process first.
+    os.nice(NICENESS)
     try:
         config = SiteConfig.model_validate(json.loads(sys.stdin.buffer.read()))
     except ValidationError as exc:  # never echo the input: it holds the secrets
