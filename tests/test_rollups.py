@@ -22,12 +22,11 @@ from sqlalchemy import Engine, delete, func, inspect, select
 from sqlalchemy.exc import OperationalError
 
 from device_drivers.vocabulary import Reading
-from gateway.store.db import make_engine, upgrade
+from gateway.store.db import make_engine, read_engine, upgrade
 from gateway.store.metadata import metadata
 from gateway.telemetry.latest_store import LatestCache
 from gateway.telemetry.rollups import (
     RollupStore,
-    read_engine,
     telemetry_cursor,
     telemetry_latest,
     telemetry_rollups,

@@ -18,10 +18,10 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import tzinfo
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple, Self
+from typing import TYPE_CHECKING, NamedTuple, Self
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Engine
 
 from device_drivers import tokens
 from device_drivers.supervision import ComponentTasks, Supervisor
@@ -35,6 +35,7 @@ from gateway.access.decision import (
     without_token,
 )
 from gateway.access.index import DirectoryIndex, build_index, empty_index
+from gateway.store.db import read_engine
 from gateway.store.directory import (
     ALL_PARTS,
     Building,
@@ -65,29 +66,6 @@ class IssuedToken(NamedTuple):
         return f"IssuedToken(credential_id={self.credential_id!r}, expires_at={self.expires_at})"
 
 
-def _read_engine(engine: Engine) -> Engine:
-    """An engine whose SQLite transactions are deferred, so reads never take the write lock.
-
-    The gateway's own engine begins every SQLite transaction IMMEDIATE (right for a debit);
-    holding that lock while 60,000 cards are read would stall canteen payments. WAL gives
-    the deferred read transaction a consistent snapshot without it.
-    """
-    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
-        return engine
-    reader = create_engine(engine.url, connect_args={"timeout": 30, "check_same_thread": False})
-
-    @event.listens_for(reader, "connect")
-    def _connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-        dbapi_conn.execute("PRAGMA query_only=ON")
-
-    @event.listens_for(reader, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN")
-
-    return reader
-
-
 class AccessService:
     """Owns the current index, the site-wide ReplayGuard and visitor-pass use counts."""
 
@@ -102,7 +80,7 @@ class AccessService:
         supervisor: Supervisor | None = None,
     ) -> None:
         self._engine = engine
-        self._read = _read_engine(engine)
+        self._read = read_engine(engine)
         self._readers = {r.device_id: r for r in readers}
         self._tz = ZoneInfo(timezone) if isinstance(timezone, str) else timezone
         self._poll_s = poll_interval_s

@@ -7,7 +7,7 @@ rollups.py). This cache re-reads that table every `interval_s` in a worker threa
 `get` from memory, so a route never waits on the database and the table is read once per
 interval however many clients poll. Values are at most one interval plus one spool batch old.
 
-Reads go through rollups.read_engine (deferred SQLite transactions), so a refresh never
+Reads go through gateway.store.db.read_engine (deferred SQLite transactions), so a refresh never
 takes the write lock the canteen's debits and the telemetry worker need.
 
 A database that is briefly unreachable (PostgreSQL restarting) is not a crash: the cache
@@ -29,7 +29,8 @@ from sqlalchemy.exc import DBAPIError
 
 from device_drivers.supervision import ComponentTasks, Supervisor
 from device_drivers.vocabulary import Reading
-from gateway.telemetry.rollups import read_engine, telemetry_latest
+from gateway.store.db import read_engine
+from gateway.telemetry.rollups import telemetry_latest
 
 log = logging.getLogger(__name__)
 

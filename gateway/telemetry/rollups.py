@@ -47,9 +47,7 @@ from sqlalchemy import (
     Text,
     bindparam,
     case,
-    create_engine,
     delete,
-    event,
     func,
     select,
 )
@@ -235,32 +233,6 @@ def _upsert_many(conn: Connection, table: Table, rows: list[dict[str, Any]],
     conn.execute(lite.on_conflict_do_update(
         index_elements=keys, set_=updates(lite.excluded),
         where=None if where is None else where(lite.excluded)), rows)
-
-
-def read_engine(engine: Engine) -> Engine:
-    """An engine for reading the store whose SQLite transactions are deferred.
-
-    The gateway's engine begins every SQLite transaction IMMEDIATE (right for a debit), so a
-    series over a month or the latest-values refresh would hold the write lock and stall
-    canteen payments and the telemetry worker for as long as it reads. In WAL mode a deferred
-    read gets a consistent snapshot without blocking any writer. Same engine for PostgreSQL
-    and in-memory SQLite (where a second engine would be another database). The caller
-    disposes what it got when it is not `engine`.
-    """
-    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
-        return engine
-    reader = create_engine(engine.url, connect_args={"timeout": 30, "check_same_thread": False})
-
-    @event.listens_for(reader, "connect")
-    def _connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-        dbapi_conn.execute("PRAGMA query_only=ON")
-
-    @event.listens_for(reader, "begin")
-    def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN")
-
-    return reader
 
 
 class RollupStore:

@@ -31,7 +31,8 @@ from sqlalchemy import BigInteger, Engine, and_, func, literal_column, select
 
 from device_drivers.vocabulary import DEVICE_KINDS, STANDARD_METRICS
 from gateway.config import SiteConfig
-from gateway.telemetry.rollups import MINUTE, read_engine, telemetry_rollups
+from gateway.store.db import read_engine
+from gateway.telemetry.rollups import MINUTE, telemetry_rollups
 
 MAX_POINTS = 10_000
 _IN_CHUNK = 500
@@ -162,7 +163,7 @@ def series(engine: Engine, *, device_id: str, metric: str, start: float, end: fl
 class SeriesQuery:
     """`series` bound to the store and the site's device registry: the object the runtime
     hands to the API (api.services.EnergySeries). Calls block: the API runs them in a
-    worker thread. Reads through a deferred-transaction engine (rollups.read_engine), so a
+    worker thread. Reads through a deferred-transaction engine (gateway.store.db.read_engine), so a
     long query never holds SQLite's write lock; `dispose()` closes it."""
 
     def __init__(self, engine: Engine, devices: Mapping[str, DeviceInfo],
