@@ -20,6 +20,7 @@ from datetime import date, tzinfo
 from typing import Protocol
 
 from device_drivers.vocabulary import Reading
+from gateway.access.audit import DecisionLike
 from gateway.canteen.reports import HistoryItem, SettlementRow, ShortfallRow
 
 # --- access -------------------------------------------------------------------------------
@@ -36,28 +37,12 @@ class IssuedQr(Protocol):
     def credential_id(self) -> str: ...
 
 
-class RemoteDecision(Protocol):
-    """An access decision for a remote open: what the route answers with, plus what the
-    audit log records (a remote open is audited like a credential at the reader)."""
+class RemoteDecision(DecisionLike, Protocol):
+    """An access decision for a remote open: what the audit log records (a remote open is
+    audited like a credential at the reader), plus the unlock duration the route answers."""
 
     @property
-    def granted(self) -> bool: ...
-    @property
-    def action(self) -> str: ...
-    @property
-    def reason(self) -> str | None: ...
-    @property
-    def floors(self) -> Sequence[int] | None: ...
-    @property
     def duration_s(self) -> int: ...
-    @property
-    def resident_id(self) -> str | None: ...
-    @property
-    def credential_ref(self) -> str | None: ...
-    @property
-    def credential_type(self) -> str | None: ...
-    @property
-    def visitor_pass_id(self) -> str | None: ...
 
 
 class AccessControl(Protocol):
