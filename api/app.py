@@ -2,24 +2,34 @@
 
 Bad input never becomes a 500: pydantic validation gives 422, unknown things 404, wrong
 roles 403; an unexpected error is logged and answered as a JSON 500 without internals.
+
+/openapi.json tells the truth about error bodies: every 422 is declared as `InvalidOut`
+(`detail` is a message or pydantic's list of problems, both of which routes answer), also on
+routes that leave the 422 to FastAPI, whose default schema allows only the list.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import auth
 from api.context import ApiContext
+from api.errors import InvalidOut
+from api.login import LoginGuard, LoginLimits
 from api.routers import access, system
 
 log = logging.getLogger(__name__)
-LOGIN_CONCURRENCY = 4
+_FASTAPI_422 = "#/components/schemas/HTTPValidationError"
+_OUR_422 = "#/components/schemas/InvalidOut"
 
 
 def create_app(ctx: ApiContext, extra_routers: Iterable[APIRouter] = ()) -> FastAPI:
@@ -31,12 +41,25 @@ def create_app(ctx: ApiContext, extra_routers: Iterable[APIRouter] = ()) -> Fast
         docs_url="/docs",
     )
     app.state.ctx = ctx
-    # argon2 costs 64 MiB and tens of ms per check: a few at a time, so a flood of logins
-    # cannot exhaust memory or the thread pool every other request needs.
-    app.state.login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
+    api = ctx.config.api
+    app.state.login_guard = LoginGuard(
+        window_s=api.login_window_s, per_username=api.login_attempts_per_username,
+        per_client=api.login_attempts_per_client, max_waiting=api.login_queue)
     ctx.metrics.counter("scgw_api_logins_total", "API logins, by result.")
+    app.add_middleware(
+        LoginLimits, guard=app.state.login_guard,
+        client_of=lambda scope: scope["client"][0] if scope.get("client") else "unknown",
+        on_refused=lambda result: ctx.metrics.inc("scgw_api_logins_total", result=result))
     for router in (auth.router, system.router, access.router, *extra_routers):
         app.include_router(router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers a body it cannot even decode (not UTF-8, say) with a 400 that no
+        # route declares; it is invalid input like any other, so it is a 422 here.
+        if exc.status_code == 400:
+            return JSONResponse({"detail": str(exc.detail)}, status_code=422)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(DataError)
     async def bad_data(request: Request, exc: DataError) -> JSONResponse:
@@ -49,4 +72,36 @@ def create_app(ctx: ApiContext, extra_routers: Iterable[APIRouter] = ()) -> Fast
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = truthful_422(get_openapi(
+                title=app.title, version=app.version, description=app.description,
+                routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def truthful_422(spec: dict[str, Any]) -> dict[str, Any]:
+    """Every 422 declared as InvalidOut; FastAPI's list-only schemas dropped once unused."""
+    replaced = False
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            invalid = operation.get("responses", {}).get("422")
+            if invalid is None:
+                continue
+            schema = invalid.get("content", {}).get("application/json", {}).get("schema", {})
+            if schema.get("$ref") == _FASTAPI_422:
+                schema["$ref"] = _OUR_422
+                replaced = True
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    if replaced and "InvalidOut" not in schemas:
+        ours = InvalidOut.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(ours.pop("$defs", {}))
+        schemas["InvalidOut"] = ours
+    if _FASTAPI_422.rsplit("/", 1)[1] in schemas and _FASTAPI_422 not in str(spec["paths"]):
+        del schemas["HTTPValidationError"]
+        if "#/components/schemas/ValidationError" not in str(spec):
+            schemas.pop("ValidationError", None)
+    return spec

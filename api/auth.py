@@ -1,8 +1,14 @@
 """Authentication (argon2 passwords, HS256 JWTs with a fixed audience) and role checks.
 
 Every route declares the roles it admits with `require_roles`; the user is re-read from the
-store on each request so a disabled user or a moved-out resident loses access at once, not
-when their token expires.
+store on each request (one indexed read, with the resident's state) so a disabled user or a
+moved-out resident loses access at once, not when their token expires. A token is accepted
+only if its lifetime (exp - iat) is within `api.token_ttl_s` and it was not issued in the
+future, so even a correctly signed token minted with `exp` in 9999 is refused.
+
+Sign-in runs behind api.login: rate limits (429 with Retry-After, mostly answered by its
+middleware before FastAPI sees the request) and the one bounded, low-priority hashing thread
+(503 with Retry-After when its queue is full).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from pydantic import BaseModel
 
 from api.context import ApiContext, JwtSettings
 from api.errors import errors
-from gateway.store.users import Role, User, authenticate, get_user
+from api.login import ADMITTED, BUSY, Busy, LoginGuard
+from gateway.store.users import LoginRecord, Role, User, find_login, get_user, verify_password
 
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/v1/auth/token", auto_error=False)
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
@@ -59,7 +66,13 @@ def issue_token(settings: JwtSettings, user: User, now: float) -> str:
     return jwt.encode(claims, settings.secret, algorithm=settings.algorithm)
 
 
-def decode_token(settings: JwtSettings, token: str) -> dict[str, Any] | None:
+CLOCK_SKEW_S = 60  # a token "issued" further in the future than this is refused
+
+
+def decode_token(settings: JwtSettings, token: str, now: float | None = None
+                 ) -> dict[str, Any] | None:
+    """The claims of a valid token, else None: signature, algorithm, audience, expiry, and a
+    lifetime no longer than `settings.ttl_s` (exp - iat), issued no later than now."""
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
@@ -70,29 +83,63 @@ def decode_token(settings: JwtSettings, token: str) -> dict[str, Any] | None:
         )
     except jwt.PyJWTError:
         return None
+    iat, exp = claims["iat"], claims["exp"]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (iat, exp)):
+        return None
+    now = time.time() if now is None else now
+    if exp - iat > settings.ttl_s or iat > now + CLOCK_SKEW_S:
+        return None
     return claims
 
 
-@router.post("/token", response_model=TokenResponse, responses=errors(401, 422))
+def client_address(request: Request) -> str:
+    """The peer's address (uvicorn puts a trusted proxy's X-Forwarded-For client here)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
+def _retry_later(code: int, detail: str, retry_after_s: int) -> HTTPException:
+    return HTTPException(code, detail=detail, headers={"Retry-After": str(retry_after_s)})
+
+
+@router.post("/token", response_model=TokenResponse, responses=errors(401, 422, 429, 503))
 async def login(
     request: Request, ctx: Ctx, form: Annotated[OAuth2PasswordRequestForm, Depends()]
 ) -> TokenResponse:
+    """Sign in. 429 beyond the attempts allowed per user name or per client address in the
+    window (`api.login_*`), 503 when too many sign-ins wait for the password check; both
+    with Retry-After (seconds)."""
     if "\x00" in form.username or len(form.username) > 128 or len(form.password) > 1024:
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, detail="bad username or password"
         )
+    guard: LoginGuard = request.app.state.login_guard
+    counted = request.scope.get("state", {}).get(ADMITTED, False)  # by api.login.LoginLimits
+    refusal = None if counted else guard.admit(form.username, client_address(request))
+    if refusal is not None:
+        ctx.metrics.inc("scgw_api_logins_total", result="rate_limited")
+        raise _retry_later(status.HTTP_429_TOO_MANY_REQUESTS, refusal.reason,
+                           refusal.retry_after_s)
 
-    def check() -> User | None:
-        with ctx.engine.connect() as conn:
-            return authenticate(conn, form.username, form.password)
+    def lookup() -> LoginRecord | None:
+        with ctx.reader.connect() as conn:
+            return find_login(conn, form.username)
 
-    # argon2 takes tens of milliseconds on purpose: keep it off the event loop.
-    async with request.app.state.login_slots:
-        user = await run_in_threadpool(check)
-    if user is None:
+    try:
+        with guard.hasher.place():
+            record = await run_in_threadpool(lookup)
+            stored = None if record is None else record.password_hash
+            # argon2 takes ~0.15 s and 64 MiB on purpose: one at a time, at low priority.
+            ok = await guard.hasher.run(lambda: verify_password(stored, form.password))
+    except Busy as exc:
+        ctx.metrics.inc("scgw_api_logins_total", result="busy")
+        raise _retry_later(status.HTTP_503_SERVICE_UNAVAILABLE, BUSY,
+                           exc.retry_after_s) from None
+    if not ok or record is None or not record.active:
         ctx.metrics.inc("scgw_api_logins_total", result="refused")
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="wrong username or password")
+    guard.succeeded(form.username)
     ctx.metrics.inc("scgw_api_logins_total", result="ok")
+    user = record.user
     token = issue_token(ctx.jwt, user, time.time())
     return TokenResponse(access_token=token, expires_in=ctx.jwt.ttl_s, role=user.role.value)
 
@@ -107,7 +154,7 @@ async def current_user(
         raise _UNAUTHORIZED
 
     def load() -> User | None:
-        with ctx.engine.connect() as conn:
+        with ctx.reader.connect() as conn:
             return get_user(conn, str(claims["sub"]))
 
     user = await run_in_threadpool(load)

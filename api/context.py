@@ -7,6 +7,7 @@ the API to the classes the runtime happens to use.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -15,13 +16,14 @@ from sqlalchemy import Engine
 from api.services import ApiServices
 from gateway.config import SiteConfig
 from gateway.metrics import Registry
+from gateway.store.db import read_engine
 
 
 @dataclass(frozen=True)
 class JwtSettings:
     secret: str
     audience: str
-    ttl_s: int
+    ttl_s: int  # the lifetime of tokens issued, and the longest one accepted (exp - iat)
     algorithm: str = "HS256"  # fixed: a token naming another algorithm is refused
 
     def __post_init__(self) -> None:
@@ -41,3 +43,15 @@ class ApiContext:
     # shows them on /readyz. `ready` stays the gate for serving at all.
     problems: Callable[[], list[str]] = list
     services: ApiServices = field(default_factory=ApiServices)
+    # For the reads every request makes (the session's user, a sign-in's hash): on SQLite
+    # a deferred transaction, so they never take the write lock from a payment. None: made
+    # from `engine` on first use (gateway.store.db.read_engine) and disposed with this.
+    read_engine: Engine | None = None
+
+    @property
+    def reader(self) -> Engine:
+        if self.read_engine is None:
+            self.read_engine = read_engine(self.engine)
+            if self.read_engine is not self.engine:
+                weakref.finalize(self, self.read_engine.dispose)
+        return self.read_engine

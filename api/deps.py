@@ -8,18 +8,22 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, HTTPException, status
+from fastapi import Depends, HTTPException, Path, status
 
 from api.auth import Ctx
 from api.services import (
     AccessControl,
+    AlertBook,
     CanteenLedger,
     EnergySeries,
     LatestReadings,
     ModbusControl,
 )
+from device_drivers.vocabulary import DEVICE_ID_PATTERN
 
 T = TypeVar("T")
+# A device named in a path: anything else is a 422, never a lookup.
+DeviceId = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="a device id")]
 
 
 def _running(service: T | None, what: str) -> T:
@@ -55,3 +59,10 @@ def energy_series(ctx: Ctx) -> EnergySeries:
 
 
 Energy = Annotated[EnergySeries, Depends(energy_series)]
+
+
+def alert_book(ctx: Ctx) -> AlertBook:
+    return _running(ctx.services.alerts, "the alert store")
+
+
+Alerts = Annotated[AlertBook, Depends(alert_book)]

@@ -34,9 +34,11 @@ _DESCRIPTIONS = {
     403: "not allowed for this role, or refused by the access rules",
     404: "not found; the detail names what",
     409: "conflicts with what is stored; the detail says how",
-    422: "invalid input",
+    422: "invalid input: `detail` is a message, or pydantic's list of problems",
+    429: "too many attempts; the Retry-After header says after how many seconds to retry",
     502: "the device answered with an error",
-    503: "a service this route needs is not running or not reachable",
+    503: "a service this route needs is not running, not reachable or busy (then with "
+         "Retry-After)",
 }
 
 

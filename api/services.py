@@ -9,7 +9,8 @@ Which gateway classes satisfy these: AccessControl - gateway.access.service.Acce
 DecisionAudit - gateway.access.audit.AuditLog; CanteenLedger - gateway.canteen.ledger.Ledger;
 ModbusControl - device_drivers.modbus.fleet.ModbusFleet; LatestReadings -
 gateway.telemetry.latest_store.LatestCache; DeviceStatus - gateway.devices.router.DeviceState;
-EnergySeries - gateway.telemetry.series.SeriesQuery.
+EnergySeries - gateway.telemetry.series.SeriesQuery; AlertBook -
+gateway.telemetry.alerts.AlertStore.
 """
 
 from __future__ import annotations
@@ -184,6 +185,53 @@ class EnergySeries(Protocol):
                step: int) -> SeriesAnswer: ...
 
 
+# --- alerts (the rules engine's, kept by the telemetry worker) ----------------------------
+
+
+class AlertItem(Protocol):
+    """One alert: the MQTT alert object (CONTRACT.md section 1) plus its lifecycle."""
+
+    @property
+    def alert_id(self) -> str: ...
+    @property
+    def rule_id(self) -> str: ...
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def metric(self) -> str | None: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def severity(self) -> str: ...
+    @property
+    def value(self) -> float | None: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def ts(self) -> float: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+    @property
+    def fired_at(self) -> float: ...
+    @property
+    def resolved_at(self) -> float | None: ...
+    @property
+    def acked_at(self) -> float | None: ...
+    @property
+    def acked_by(self) -> str | None: ...
+
+
+class AlertBook(Protocol):
+    """Alerts as stored; blocking calls (routes run them in a worker thread)."""
+
+    def list_alerts(self, *, state: str | None = None, device_id: str | None = None,
+                    since: float | None = None, limit: int = 200) -> Sequence[AlertItem]: ...
+
+    def ack(self, alert_id: str, user: str, now: float) -> AlertItem | None: ...
+
+
 class DeviceStatus(Protocol):
     """What the device router last heard from a device over MQTT."""
 
@@ -206,4 +254,5 @@ class ApiServices:
     modbus: ModbusControl | None = None
     latest: LatestReadings | None = None
     energy: EnergySeries | None = None
+    alerts: AlertBook | None = None
     device_state: Mapping[str, DeviceStatus] = field(default_factory=dict)

@@ -7,7 +7,9 @@ process, which has imported nothing but the gateway, then measures what a gatewa
 see: index build and rebuild time, RSS with the index loaded, in-process decision latency
 through AccessService.decide (replay guard included), and how long a revocation written by
 another engine takes to be enforced (the service polls every 0.3 s). Targets (issue 3):
-p99 <= 0.2 ms, RSS <= 150 MB, rebuild <= 1 s. Results: docs/bench-access.md.
+p99 <= 0.2 ms, RSS <= 150 MB, rebuild <= 1 s. Results: docs/bench-access.md. Since issue 11
+also `admit`, the decision recorded (audit row and spent token) before it returns: one at a
+time, and 64 at once sharing transactions (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -202,6 +204,7 @@ async def measure(url: str, decisions: int) -> dict[str, Any]:
 
         out["decision_us"] = {"n": len(timings), "granted": granted, "p50": pick(0.5),
                               "p99": pick(0.99), "p999": pick(0.999), "max": pick(1.0)}
+        out["admit"] = await measure_admit(service, engine, secrets_by_resident, rng)
 
         async def enforced_after(resident: int, revoke: Any) -> float:
             cid, secret = secrets_by_resident[f"r{resident}"]
@@ -230,6 +233,40 @@ async def measure(url: str, decisions: int) -> dict[str, Any]:
     return out
 
 
+async def measure_admit(service: Any, engine: Any, secrets_by_resident: dict[str, Any],
+                        rng: random.Random) -> dict[str, Any]:
+    """Issue 11: `admit`, the decision as readers get it: recorded (audit row, spent token)
+    before it returns. One at a time, then 64 at once (they share transactions)."""
+    from device_drivers import tokens as c
+    from gateway.access.audit import AuditLog
+
+    def fresh() -> tuple[str, str]:
+        cid, secret = secrets_by_resident[f"r{rng.randrange(RESIDENTS)}"]
+        return "gate-1", c.mint_qr(cid, secret, time.time())
+
+    async with AuditLog(engine) as journal:
+        service.journal = journal
+        one: list[float] = []
+        for i in range(2000):
+            device_id, qr = fresh()
+            t0 = time.perf_counter()
+            await service.admit(device_id, "qr", qr, request_id=f"b-{i}")
+            one.append((time.perf_counter() - t0) * 1e6)
+        one.sort()
+        burst_started = time.perf_counter()
+        admitted = 0
+        for round_ in range(50):
+            batch = [fresh() for _ in range(64)]
+            await asyncio.gather(*(service.admit(dev, "qr", qr, request_id=f"c-{round_}-{j}")
+                                   for j, (dev, qr) in enumerate(batch)))
+            admitted += len(batch)
+        elapsed = time.perf_counter() - burst_started
+        service.journal = None
+    return {"sequential_us": {"p50": round(one[len(one) // 2]), "p99": round(one[int(0.99 * len(
+        one))]), "max": round(one[-1])}, "concurrent_64_per_s": round(admitted / elapsed),
+            "fallbacks": journal.fallbacks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--database-url")
@@ -252,6 +289,10 @@ def main() -> None:
     dec, reb = result["decision_us"], result["rebuild_s"]
     print(json.dumps(result, indent=2))
     print(f"decision p50 {dec['p50']} us, p99 {dec['p99']} us (target <= 200 us)")
+    admit = result["admit"]
+    print(f"admit (recorded before it returns): p50 {admit['sequential_us']['p50']} us, p99 "
+          f"{admit['sequential_us']['p99']} us; {admit['concurrent_64_per_s']} decisions/s "
+          "with 64 at a time")
     print(f"RSS with index {result['rss_with_index_mb']} MB, after rebuilds "
           f"{result['rss_after_rebuilds_mb']} MB, peak {result['rss_peak_mb']} MB"
           " (target <= 150 MB)")

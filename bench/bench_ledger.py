@@ -118,7 +118,7 @@ def bench_group(workdir: Path, seconds: float, group: int = 16) -> None:
 
 def bench_handler(workdir: Path, seconds: float) -> None:
     ledger = fresh_ledger(workdir, "handler")
-    handler = PaymentHandler(ledger, lambda kind, value, now: value)
+    handler = PaymentHandler(ledger, lambda kind, value, now, ref: value)
 
     def one(i: int) -> None:
         payload = json.dumps({"txn_id": f"t-{i}", "amount_cents": 1200, "ts": time.time(),
@@ -141,7 +141,7 @@ async def bench_mqtt(workdir: Path, seconds: float, rate: float = 100.0) -> None
         print("MQTT round trip: skipped (mosquitto is not installed)")
         return
     ledger = fresh_ledger(workdir, "mqtt")
-    handler = PaymentHandler(ledger, lambda kind, value, now: value)
+    handler = PaymentHandler(ledger, lambda kind, value, now, ref: value)
     with Mosquitto() as broker:
         async with aiomqtt.Client(broker.host, broker.port, socket_options=NO_DELAY) as client:
             await client.subscribe("bench/devices/+/payment/request", qos=1)

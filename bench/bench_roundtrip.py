@@ -1,27 +1,47 @@
 """Reader -> broker -> decision -> broker -> reader round trip over Mosquitto on loopback.
 
 The gateway runs as its own process (`scgw run`), as in production. A reader in this
-process presents fresh QR tokens one at a time, while a third process publishes telemetry
-load. Measured twice in the same run: Mosquitto with `set_tcp_nodelay true` (what scgw
-ships) and with the broker default (Nagle on), to show why the setting matters.
+process presents credentials one at a time, while a third process publishes telemetry
+load. Since issue 11 every decision is recorded before it is sent: its audit row (and, for a
+QR, the spent token) is committed, group-committed with whatever else is waiting, before the
+answer is published; so this measures that write too. Measured per credential:
 
-Target (issue 2): p50 <= 5 ms, p99 <= 20 ms.
+- `qr`: a fresh QR token each time (audit row + spent-token row, one transaction);
+- `card`: a gate card (audit row only).
+
+Runs on SQLite (the default store, `synchronous=FULL`) and, with `--postgres`, on a
+PostgreSQL cluster this bench starts with fsync on (tests.servers). `--nagle` adds the
+issue-2 comparison with Mosquitto's default (Nagle on). `--baseline DIR` measures a gateway
+from another source tree (e.g. `git archive HEAD~1 | tar -x -C DIR`) in the same run,
+alternating rounds with this one, so a change's cost is measured under the same load: on
+a shared machine the load moves the tails more than most changes do.
+
+Target (issues 2 and 11): p50 <= 5 ms, p99 <= 20 ms.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from bench.harness import gateway_process, percentile
+import yaml
+
+from bench.harness import percentile
 from simulators.demo.broker import MOSQUITTO_CONF, Mosquitto
+from simulators.demo.community import BUILDINGS, READERS
 from simulators.phone import SimulatedPhone
 from simulators.readers import ReaderSimulator
 
@@ -41,62 +61,163 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-async def measure(
-    broker: Mosquitto, work: Path, requests: int, telemetry_rate: int
-) -> dict[str, float]:
+HERE = Path(__file__).resolve().parents[1]
+SEEDER = """
+import json, sys, yaml
+from gateway.config import SiteConfig
+from gateway.store import db
+from simulators.demo.seed import seed_demo
+site = yaml.safe_load(open(sys.argv[1]))
+db.upgrade(site["database"]["url"])
+engine = db.make_engine(site["database"]["url"])
+people = seed_demo(engine, SiteConfig.model_validate(site))
+engine.dispose()
+r = people.residents[0]
+print(json.dumps({"cid": r.credential_id, "secret": r.secret.hex(), "card": r.cards["gate"]}))
+"""
+
+
+@dataclass
+class Resident:
+    credential_id: str
+    secret: bytes
+    card: str
+
+
+@contextlib.contextmanager
+def gateway(broker: Mosquitto, work: Path, db_url: str,
+            tree: Path = HERE) -> Iterator[Resident]:
+    """A seeded store and `scgw run` from source tree `tree` as a child process."""
     meters = [{"device_id": f"meter-{i}", "kind": "meter"} for i in range(20)]
+    site: dict[str, Any] = {
+        "site": {"id": "bench"},
+        "mqtt": {"url": broker.url, "root": "scgw"},
+        "database": {"url": db_url},
+        "api": {"enabled": False},
+        "telemetry": {"spool_dir": str(work / f"spool-{broker.port}")},
+        "buildings": BUILDINGS,
+        "devices": [*READERS, *meters],
+    }
+    config_path = work / f"site-{secrets.token_hex(4)}.yaml"
+    config_path.write_text(yaml.safe_dump(site))
+    # Seeded by the tree's own code: its migrations are the ones its gateway expects.
+    env = {**os.environ, "PYTHONPATH": str(tree), "SCGW__API__JWT_SECRET": secrets.token_hex(32)}
+    seeded = json.loads(subprocess.run(
+        [sys.executable, "-c", SEEDER, str(config_path)], cwd=tree, env=env, check=True,
+        capture_output=True, text=True).stdout.splitlines()[-1])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.app.cli", "run", "--config", str(config_path)],
+        cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield Resident(seeded["cid"], bytes.fromhex(seeded["secret"]), seeded["card"])
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+Samples = dict[str, list[float]]
+
+
+async def measure(broker: Mosquitto, work: Path, db_url: str, requests: int,
+                  telemetry_rate: int, tree: Path = HERE) -> Samples:
     loader = subprocess.Popen(
         [sys.executable, "-c", TELEMETRY_LOADER, broker.host, str(broker.port), str(telemetry_rate)]
     )
+    samples: Samples = {"qr": [], "card": []}
     try:
-        with gateway_process(broker, work, meters) as people:
-            resident = people.residents[0]
+        with gateway(broker, work, db_url, tree) as resident:
             phone = SimulatedPhone(resident.credential_id, resident.secret)
             async with ReaderSimulator(broker.host, broker.port, "gate-north", "gate") as reader:
                 for _ in range(200):  # wait for the gateway to answer
                     try:
-                        await reader.present("qr", phone.qr(), timeout_s=0.5)
+                        await reader.present("card", resident.card, timeout_s=0.5)
                         break
                     except TimeoutError:
                         continue
-                samples = []
-                for _ in range(requests):
+                for i in range(2 * requests):
+                    kind = "qr" if i % 2 == 0 else "card"
+                    value = phone.qr() if kind == "qr" else resident.card
                     started = time.perf_counter()
-                    decision = await reader.present("qr", phone.qr())
-                    samples.append((time.perf_counter() - started) * 1000)
+                    decision = await reader.present(kind, value)
+                    samples[kind].append((time.perf_counter() - started) * 1000)
                     assert decision["granted"], decision
                     await asyncio.sleep(0.005)
     finally:
         loader.terminate()
         loader.wait(10)
-    return {
-        "p50_ms": statistics.median(samples),
-        "p99_ms": percentile(samples, 0.99),
-        "max_ms": max(samples),
-        "n": float(len(samples)),
-    }
+    return samples
+
+
+def summary(samples: Samples) -> dict[str, dict[str, float]]:
+    return {kind: {"p50_ms": statistics.median(xs), "p99_ms": percentile(xs, 0.99),
+                   "max_ms": max(xs), "n": float(len(xs))} for kind, xs in samples.items()}
+
+
+def _broker(nodelay: bool) -> Mosquitto:
+    broker = Mosquitto()
+    if not nodelay:
+        broker.conf_path.write_text(
+            MOSQUITTO_CONF.replace("set_tcp_nodelay true\n", "").format(
+                port=broker.port, host=broker.host)
+        )
+    return broker
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=1000, help="per credential kind")
     parser.add_argument("--telemetry-rate", type=int, default=500, help="messages/s of load")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="alternating rounds per store (with --baseline)")
+    parser.add_argument("--postgres", action="store_true",
+                        help="also measure on a PostgreSQL cluster (fsync on) started here")
+    parser.add_argument("--nagle", action="store_true",
+                        help="also measure with Mosquitto's default (Nagle on)")
+    parser.add_argument("--baseline", type=Path,
+                        help="source tree of another version to measure in the same run")
     args = parser.parse_args()
-    results = {}
+    trees = [("this", HERE)] + ([("baseline", args.baseline.resolve())] if args.baseline else [])
+    rounds = args.rounds if args.baseline else 1
+    per_round = max(1, args.requests // rounds)
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for label, nodelay in (("nodelay", True), ("nagle", False)):
-            broker = Mosquitto()
-            if not nodelay:
-                broker.conf_path.write_text(
-                    MOSQUITTO_CONF.replace("set_tcp_nodelay true\n", "").format(
-                        port=broker.port, host=broker.host)
-                )
-            with broker:
-                results[label] = await measure(broker, work, args.requests, args.telemetry_rate)
+        stores: list[tuple[str, Any]] = [("sqlite", None)]
+        server = None
+        if args.postgres:
+            from tests.test_trust_pg_crash import DurablePostgres
+
+            server = DurablePostgres()
+            server.start()
+            stores.append(("postgresql", server))
+        try:
+            for store, pg in stores:
+                collected: dict[str, Samples] = {name: {"qr": [], "card": []} for name, _ in trees}
+                with _broker(True) as broker:
+                    for _ in range(rounds):
+                        for name, tree in trees:
+                            url = (pg.create_database() if pg is not None
+                                   else f"sqlite:///{work / f'{secrets.token_hex(4)}.db'}")
+                            got = await measure(broker, work, url, per_round,
+                                                args.telemetry_rate, tree)
+                            for kind, xs in got.items():
+                                collected[name][kind].extend(xs)
+                for name, samples in collected.items():
+                    results[f"{store}" if name == "this" else f"{store}-{name}"] = summary(samples)
+            if args.nagle:
+                with _broker(False) as broker:
+                    url = f"sqlite:///{work / 'nagle.db'}"
+                    results["sqlite-nagle"] = summary(await measure(
+                        broker, work, url, args.requests, args.telemetry_rate))
+        finally:
+            if server is not None:
+                server.stop()
     print(json.dumps({"bench": "roundtrip", "telemetry_rate": args.telemetry_rate,
-                      **{k: {m: round(v, 3) for m, v in r.items()} for k, r in results.items()}},
-                     indent=2))
+                      **{label: {kind: {m: round(v, 3) for m, v in r.items()}
+                                 for kind, r in by_kind.items()}
+                         for label, by_kind in results.items()}}, indent=2))
 
 
 if __name__ == "__main__":

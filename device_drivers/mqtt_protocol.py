@@ -57,6 +57,26 @@ def device_topic(root: str, device_id: str, channel: str) -> str:
 TELEMETRY_CHANNELS = ("telemetry",)
 
 
+def alert_topic(root: str, rule_id: str, device_id: str) -> str:
+    """CONTRACT.md section 1: where the gateway publishes alert transitions."""
+    return f"{root}/alerts/{rule_id}/{device_id}"
+
+
+def polled_topic(root: str, site_id: str, device_id: str) -> str:
+    """Readings of a Modbus-polled unit, published by the gateway's poller for its telemetry
+    worker. Not the unit's own `devices/{id}/telemetry`: a polled unit has no MQTT login, so
+    anything on its device topic is someone speaking for it, and is refused."""
+    return f"{root}/gateway/{site_id}/polled/{device_id}"
+
+
+def polled_subscription(root: str, site_id: str) -> str:
+    return f"{root}/gateway/{site_id}/polled/+"
+
+
+def alert_subscription(root: str) -> str:
+    return f"{root}/alerts/#"
+
+
 def gateway_status_topic(root: str, site_id: str) -> str:
     """The gateway's own retained status and last will."""
     return f"{root}/gateway/{site_id}/status"

@@ -73,6 +73,20 @@ class ParsedToken:
     def replay_key(self) -> tuple[str, int, bytes, int]:
         return (self.credential_id, self.step, self.nonce, self.kind.value)
 
+    @property
+    def spent_key(self) -> str:
+        """What identifies this token for good, never the token itself (no tag):
+        "qr|ble:credential:step:nonce", at most 41 characters. The gateway's durable
+        spent-token record and the ledger key single use on it."""
+        kind = "qr" if self.kind is TokenKind.QR else "ble"
+        return f"{kind}:{self.credential_id}:{self.step}:{self.nonce.hex()}"
+
+    @property
+    def issued_at(self) -> float:
+        """The start of the token's time step: it cannot pass `check` before this minus the
+        allowed skew, nor after its step plus the skew."""
+        return float(self.step * TIME_STEP_S)
+
 
 class TokenError(Enum):
     """Why a token is refused; values are CONTRACT.md denial reasons."""

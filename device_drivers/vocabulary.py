@@ -91,6 +91,24 @@ STANDARD_METRICS: Final[Mapping[str, str]] = {
 }
 """CONTRACT.md section 7: standard metric names and their units; devices may add others."""
 
+PLAUSIBLE_RANGES: Final[Mapping[str, tuple[float, float]]] = {
+    "power_w": (-10e6, 10e6),  # 10 MW either way: beyond a residential community's supply
+    "energy_wh": (0.0, 1e15),  # cumulative: never negative
+    "voltage_v": (0.0, 50_000.0),  # up to medium voltage
+    "current_a": (-100_000.0, 100_000.0),
+    "temperature_c": (-80.0, 200.0),
+    "setpoint_c": (-50.0, 100.0),
+    "humidity_pct": (0.0, 100.0),
+    "pm25_ugm3": (0.0, 10_000.0),
+    "co2_ppm": (0.0, 100_000.0),
+    "fan_speed_pct": (0.0, 100.0),
+    "filter_dp_pa": (-100.0, 10_000.0),
+    "running": (0.0, 1.0),
+}
+"""Values of a standard metric outside these (inclusive) bounds are physically absurd for a
+community's devices (a broken sensor or a forged reading): ingest refuses them as
+`implausible`. Wide on purpose: they catch nonsense, the rules engine judges anomalies."""
+
 
 @dataclass(frozen=True, slots=True)
 class Reading:
@@ -101,3 +119,17 @@ class Reading:
     ts: float
     metrics: Mapping[str, float]
     seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    """Something a device reports once (`{root}/devices/{id}/event`): a forced door, tamper.
+
+    `type` is as received (bounded in length by the parser); DEVICE_EVENT_TYPES are the
+    ones the gateway knows by name.
+    """
+
+    device_id: str
+    kind: str
+    ts: float
+    type: str

@@ -39,10 +39,11 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from device_drivers.vocabulary import DEVICE_ID_PATTERN, MODBUS_KINDS, DeviceKind
+from rules.loader import RuleFileError, load_rule_files, parse_calendar
 
 ENV_PREFIX = "SCGW__"
 SECRET_KEYS = {("mqtt", "password"), ("api", "jwt_secret"), ("influxdb", "token"),
-               ("influxdb", "password")}
+               ("influxdb", "password"), ("api", "metrics_token")}
 STRING_KEYS = SECRET_KEYS | {("mqtt", "username"), ("influxdb", "username")}
 """Environment values kept as given: a user name `0123` or `yes` must not become a number or
 a boolean the way other overrides (`SCGW__API__PORT=9001`) are read as YAML scalars."""
@@ -55,10 +56,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _checked_calendar(data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Kept as written (it travels to the telemetry worker as JSON), checked here so a bad
+    calendar fails check-config rather than the rules engine at start."""
+    if data is not None:
+        parse_calendar(data, "calendar")  # ValueError says which key and what was expected
+    return data
+
+
 class SiteInfo(_Strict):
     id: str = Field(pattern=DEVICE_ID_PATTERN)
     name: str = ""
     timezone: str = "UTC"  # IANA name; the canteen's days and the rules' calendars use it
+    calendar: dict[str, Any] | None = None  # opening hours of buildings without their own
+
+    @field_validator("calendar")
+    @classmethod
+    def _calendar(cls, data: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _checked_calendar(data)
 
     @field_validator("timezone")
     @classmethod
@@ -106,7 +121,44 @@ class ApiConfig(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)
     jwt_secret: SecretStr | None = None
     jwt_audience: str = "scgw-api"
+    # Also the cap: a token whose exp - iat exceeds it is refused, however it was signed.
     token_ttl_s: int = Field(default=3600, ge=60, le=86400)
+    # Sign-in limits (moving window, in memory, per API process): attempts per user name and
+    # per client address; beyond them 429 with Retry-After. A success clears its user name.
+    login_window_s: int = Field(default=300, ge=1, le=86400)
+    login_attempts_per_username: int = Field(default=10, ge=1, le=10_000)
+    login_attempts_per_client: int = Field(default=50, ge=1, le=100_000)
+    # Sign-ins waiting for the one password-hashing thread (argon2, 64 MiB each, low CPU
+    # priority); beyond this 503 with Retry-After, so a flood never queues without bound.
+    login_queue: int = Field(default=16, ge=1, le=1000)
+    # Per resident: phone credentials not revoked, and visitor passes neither revoked nor
+    # expired. Beyond them enrolment or issue is a 409 saying so.
+    phone_credentials_per_resident: int = Field(default=10, ge=1, le=1000)
+    visitor_passes_per_resident: int = Field(default=50, ge=1, le=10_000)
+    # /metrics: with the bearer token (SCGW__API__METRICS_TOKEN, 16+ characters) from
+    # anywhere; without it only from these client networks (default: loopback only; [] makes
+    # the token the only way in).
+    metrics_token: SecretStr | None = None
+    metrics_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("the metrics token needs at least 16 characters")
+        return value
+
+    @field_validator("metrics_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress  # kept local: only this check needs it
+
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"not an address or network: {network!r}") from None
+        return value
 
 
 class AccessConfig(_Strict):
@@ -266,6 +318,12 @@ class BuildingConfig(_Strict):
     id: str = Field(pattern=DEVICE_ID_PATTERN)
     name: str = ""
     floors: list[FloorConfig] = Field(min_length=1)
+    calendar: dict[str, Any] | None = None  # opening hours (docs/rules.md); default: the site's
+
+    @field_validator("calendar")
+    @classmethod
+    def _calendar(cls, data: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _checked_calendar(data)
 
     @model_validator(mode="after")
     def _unique_floors(self) -> BuildingConfig:
@@ -710,6 +768,8 @@ def file_problems(config: SiteConfig, path: str | Path) -> list[str]:
             reason = "is not a file" if rule_file.exists() else "no such file"
             problems.append(f"line {lines.get(('rules', 'files', i), '?')}: rules.files.{i}: "
                             f"{reason}: {name!r} (relative to {Path.cwd()})")
+    if not problems and config.rules.files:
+        problems.extend(_rule_problems(config.rules.files))
     spool = config.spool_directory
     if spool.exists() and not spool.is_dir():
         key: tuple[str, ...] = (("telemetry", "spool_dir") if config.telemetry.spool_dir
@@ -718,6 +778,21 @@ def file_problems(config: SiteConfig, path: str | Path) -> list[str]:
         problems.append(f"line {lines.get(key, '?')}: {'.'.join(key)}: the spool directory "
                         f"{str(spool)!r} exists and is not a directory{what}")
     return problems
+
+
+def _rule_problems(files: list[str]) -> list[str]:
+    """Every problem of the site's rule files (each names its file, line, rule and key)."""
+    texts = []
+    for name in files:
+        try:
+            texts.append((name, Path(name).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            return [f"{name}: cannot read: {exc}"]
+    try:
+        load_rule_files(texts)
+    except RuleFileError as exc:
+        return list(exc.problems)
+    return []
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,6 +76,8 @@ class CanteenTerminal:
     port: int
     device_id: str
     root: str = "scgw"
+    username: str | None = None  # the terminal's broker login (scgw mqtt-config)
+    password: str | None = field(default=None, repr=False)
     timeout_s: float = 1.0
     attempts: int = 3
     limits: OfflineLimits = DEFAULT_LIMITS
@@ -99,7 +101,8 @@ class CanteenTerminal:
     async def __aenter__(self) -> CanteenTerminal:
         self._stack = contextlib.AsyncExitStack()
         self._client = await self._stack.enter_async_context(
-            device_connection(self.host, self.port, self.root, self.device_id, TERMINAL_CHANNELS)
+            device_connection(self.host, self.port, self.root, self.device_id,
+                              TERMINAL_CHANNELS, self.username, self.password)
         )
         self._task = asyncio.create_task(self._listen(), name=f"canteen-{self.device_id}")
         return self
@@ -246,9 +249,20 @@ async def lunch_hour(
     return stats
 
 
+def device_login(credentials_file: str | None, device_id: str) -> tuple[str | None, str | None]:
+    """The device's broker login from a credentials.json of `scgw mqtt-config`."""
+    if credentials_file is None:
+        return None, None
+    with open(credentials_file, encoding="utf-8") as handle:
+        login = json.load(handle)["devices"][device_id]
+    return str(login["username"]), str(login["password"])
+
+
 async def _main(args: argparse.Namespace) -> None:
     customers = [card_credential(number) for number in args.card]
-    terminal = CanteenTerminal(args.host, args.port, args.device, root=args.root)
+    username, password = device_login(args.credentials, args.device)
+    terminal = CanteenTerminal(args.host, args.port, args.device, root=args.root,
+                               username=username, password=password)
     async with terminal:
         stats = await lunch_hour([terminal], customers, args.rate, args.duration)
         if terminal.queued:
@@ -262,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=1883)
     parser.add_argument("--root", default="scgw")
     parser.add_argument("--device", default="canteen-1")
+    parser.add_argument("--credentials", help="credentials.json of `scgw mqtt-config`: log "
+                        "in as the device (brokers refuse anonymous clients)")
     parser.add_argument("--card", action="append", required=True, help="card number (repeat)")
     parser.add_argument("--rate", type=float, default=2.0, help="customers per second")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds")

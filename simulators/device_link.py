@@ -1,7 +1,9 @@
 """The MQTT session every simulated device opens, as a real one would.
 
-Retained `{"online": true}` on connect, the same as a last will, `{"online": false}` on a
-clean goodbye, TCP_NODELAY, and the device's own inbound channels subscribed.
+Its own login (`scgw mqtt-config` gives each device one; the broker's ACL confines it to
+its own topics), retained `{"online": true}` on connect, the same as a last will,
+`{"online": false}` on a clean goodbye, TCP_NODELAY, and the device's own inbound channels
+subscribed.
 """
 
 from __future__ import annotations
@@ -21,13 +23,16 @@ OFFLINE = encode({"online": False})
 
 @contextlib.asynccontextmanager
 async def device_connection(
-    host: str, port: int, root: str, device_id: str, channels: Sequence[str]
+    host: str, port: int, root: str, device_id: str, channels: Sequence[str],
+    username: str | None = None, password: str | None = None,
 ) -> AsyncIterator[aiomqtt.Client]:
     status = device_topic(root, device_id, "status")
     async with aiomqtt.Client(
         host,
         port,
         identifier=f"sim-{device_id[:40]}-{secrets.token_hex(3)}",
+        username=username,
+        password=password,
         will=aiomqtt.Will(status, OFFLINE, qos=1, retain=True),
         socket_options=NO_DELAY,
     ) as client:

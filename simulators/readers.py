@@ -43,6 +43,8 @@ class ReaderSimulator:
     device_id: str
     kind: str = "gate"  # gate | elevator | canteen-like readers reuse the same plumbing
     root: str = "scgw"
+    username: str | None = None  # the device's broker login (scgw mqtt-config)
+    password: str | None = field(default=None, repr=False)
     actuations: list[Actuation] = field(default_factory=list)
     _client: aiomqtt.Client | None = None
     _stack: contextlib.AsyncExitStack | None = None
@@ -56,7 +58,8 @@ class ReaderSimulator:
     async def __aenter__(self) -> ReaderSimulator:
         self._stack = contextlib.AsyncExitStack()
         self._client = await self._stack.enter_async_context(
-            device_connection(self.host, self.port, self.root, self.device_id, READER_CHANNELS)
+            device_connection(self.host, self.port, self.root, self.device_id, READER_CHANNELS,
+                              self.username, self.password)
         )
         self._task = asyncio.create_task(self._listen(), name=f"reader-{self.device_id}")
         return self
@@ -87,6 +90,13 @@ class ReaderSimulator:
             "ts": time.time(),
         }
         return await self.send_raw(json.dumps(payload).encode(), request_id, timeout_s)
+
+    async def report_event(self, event_type: str, ts: float | None = None) -> None:
+        """A device event (`door_forced`, `door_held_open`, `tamper`) as a real reader sends
+        it; the gateway's rules turn it into an alert."""
+        assert self._client is not None
+        payload = {"type": event_type, "ts": time.time() if ts is None else ts}
+        await self._client.publish(self.topic("event"), json.dumps(payload), qos=1)
 
     async def send_raw(
         self, payload: bytes, request_id: str, timeout_s: float = 5.0

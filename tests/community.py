@@ -69,14 +69,19 @@ async def running_gateway(
     ble_backend: type[BaseBleakScanner] | None = None,
     extra_devices: Sequence[dict[str, Any]] = (),
     site_extra: dict[str, Any] | None = None,
+    again: Running | None = None,
 ) -> AsyncIterator[Running]:
-    root = f"t{secrets.token_hex(4)}"  # isolates tests sharing one broker
+    """`again`: restart the gateway of an earlier run (same root, database and spool)."""
+    root = again.root if again is not None else f"t{secrets.token_hex(4)}"  # isolates tests
     db_url = f"sqlite:///{tmp_path / 'gw.db'}"
     config = site_config(broker, db_url, root, ble_readers, extra_devices, site_extra)
-    db.upgrade(db_url)
-    engine = db.make_engine(db_url)
-    people = seed_demo(engine, config)
-    engine.dispose()
+    if again is None:
+        db.upgrade(db_url)
+        engine = db.make_engine(db_url)
+        people = seed_demo(engine, config)
+        engine.dispose()
+    else:
+        people = again.people
     gateway = Gateway(config, ble_backend=ble_backend)
     stop = asyncio.Event()
     task = asyncio.create_task(gateway.run(stop))

@@ -144,7 +144,8 @@ async def test_staff_refunds_and_reports(api: Api) -> None:
     staff = await api.headers("staff")
     api.ledger.topup("r-1", 3000, "topup-key-1")
     api.ledger.pay("pos-1", "t-1", 1800, "r-1", time.time())
-    api.ledger.apply_batch("pos-2", "b-1", [BatchPayment("o-1", 900, Reason.REVOKED, 1.0)])
+    api.ledger.apply_batch("pos-2", "b-1", [
+        BatchPayment("o-1", 900, Reason.REVOKED, time.time() - 60)])
     url = "/api/v1/canteen/accounts/r-1/refunds"
     body = {"amount_cents": 800, "idempotency_key": "refund-0001", "terminal_id": "pos-1",
             "txn_id": "t-1"}

@@ -1,35 +1,129 @@
-"""`scgw demo` end to end, as a newcomer runs it: a subprocess, demo.json, the API, MQTT."""
+"""`scgw demo` end to end, as a newcomer runs it: a subprocess, demo.json, the API, MQTT.
+
+The demo's broker requires logins (CONTRACT.md section 6): demo.json carries each device's
+login and a read-only monitor; anonymous clients are refused and a device cannot speak on
+another device's topics, with Mosquitto and with the embedded fallback broker alike.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import shutil
+import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import httpx
+import pytest
 
 from simulators.demo.broker import mosquitto_binary
 from tests.servers import require
 
+MODBUS_UNITS = {"hvac-b1-lobby", "erv-b1", "purifier-b2-gym", "meter-main"}
 
-async def test_demo_runs_a_community_a_resident_can_use(tmp_path: Path) -> None:
-    require(mosquitto_binary() is not None, "mosquitto")
+
+async def _start_demo(tmp_path: Path, *args: str) -> tuple[asyncio.subprocess.Process,
+                                                          dict[str, Any]]:
     scgw = shutil.which("scgw", path=str(Path(sys.executable).parent))
     assert scgw is not None
     proc = await asyncio.create_subprocess_exec(
-        scgw, "demo", "--data-dir", str(tmp_path), "--port", "0", "--duration", "20",
+        scgw, "demo", "--data-dir", str(tmp_path), "--port", "0", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     demo_json = tmp_path / "demo.json"
+    for _ in range(300):
+        if demo_json.exists() and demo_json.stat().st_size > 0:
+            break
+        if proc.returncode is not None:
+            break
+        await asyncio.sleep(0.1)
+    if not demo_json.exists():
+        if proc.returncode is None:
+            proc.kill()
+        output, _ = await proc.communicate()
+        raise AssertionError(f"the demo did not write demo.json: {output.decode()[-3000:]}")
+    assert stat.S_IMODE(demo_json.stat().st_mode) == 0o600  # every login of the run
+    return proc, json.loads(demo_json.read_text())
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> str:
     try:
-        for _ in range(300):
-            if demo_json.exists() and demo_json.stat().st_size > 0:
-                break
-            await asyncio.sleep(0.1)
-        demo = json.loads(demo_json.read_text())
+        output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = output.decode()
+    assert proc.returncode == 0, text[-3000:]
+    return text
+
+
+def _device_logins_and_monitor(demo: dict[str, Any]) -> None:
+    mqtt = demo["mqtt"]
+    assert mqtt["username"] and len(mqtt["password"]) >= 22
+    for device in demo["devices"]:
+        if device["device_id"] in MODBUS_UNITS:  # polled by the gateway: no broker login
+            assert device["mqtt_username"] is None and device["mqtt_password"] is None
+        else:
+            assert device["mqtt_username"] == device["device_id"]
+            assert len(device["mqtt_password"]) >= 22
+    passwords = [d["mqtt_password"] for d in demo["devices"] if d["mqtt_password"]]
+    assert len(set(passwords)) == len(passwords)
+
+
+def _login(demo: dict[str, Any], device_id: str) -> tuple[str, str]:
+    device = next(d for d in demo["devices"] if d["device_id"] == device_id)
+    return device["mqtt_username"], device["mqtt_password"]
+
+
+async def _refuses_anonymous_and_forgery(demo: dict[str, Any], http: httpx.AsyncClient,
+                                         auth: dict[str, str]) -> dict[str, Any]:
+    """As the monitor, watch gate-north's commands while gate-south forges one and a resident
+    unlocks through the API: only the API's command arrives. Returns it."""
+    mqtt = demo["mqtt"]
+    with pytest.raises(aiomqtt.MqttError):
+        async with aiomqtt.Client(mqtt["host"], mqtt["port"], timeout=5):
+            pass
+    command_topic = f"{mqtt['root']}/devices/gate-north/command"
+    intruder_user, intruder_password = _login(demo, "gate-south")
+    async with (
+        aiomqtt.Client(mqtt["host"], mqtt["port"], username=mqtt["username"],
+                       password=mqtt["password"]) as monitor,
+        aiomqtt.Client(mqtt["host"], mqtt["port"], identifier="intruder",
+                       username=intruder_user, password=intruder_password) as intruder,
+    ):
+        await monitor.subscribe(command_topic, qos=1)
+        await intruder.publish(command_topic, b'{"forged": true, "action": "unlock", '
+                               b'"duration_s": 3600}', qos=1)
+        await monitor.publish(command_topic, b'{"forged": true, "action": "unlock"}', qos=1)
+        unlock = await http.post("/api/v1/gates/gate-north/unlock", headers=auth)
+        assert unlock.status_code == 202, unlock.text
+        async with asyncio.timeout(10):
+            async for message in monitor.messages:
+                assert isinstance(message.payload, bytes)
+                command: dict[str, Any] = json.loads(message.payload)
+                assert "forged" not in command, command
+                if command.get("command_id") == unlock.json()["command_id"]:
+                    assert command["action"] == "unlock"
+                    return command
+    raise AssertionError("unreachable")
+
+
+async def _resident(http: httpx.AsyncClient, demo: dict[str, Any]) -> dict[str, str]:
+    resident = next(u for u in demo["users"] if u["role"] == "resident")
+    login = await http.post("/api/v1/auth/token", data={
+        "username": resident["username"], "password": resident["password"]})
+    assert login.status_code == 200, login.text
+    return {"Authorization": f"Bearer {login.json()['access_token']}"}
+
+
+async def test_demo_runs_a_community_a_resident_can_use(tmp_path: Path) -> None:
+    require(mosquitto_binary() is not None, "mosquitto")
+    proc, demo = await _start_demo(tmp_path, "--duration", "20")
+    try:
         roles = {u["role"] for u in demo["users"]}
         assert roles == {"resident", "staff", "engineer", "admin"}
         residents = [u for u in demo["users"] if u["role"] == "resident"]
@@ -39,34 +133,30 @@ async def test_demo_runs_a_community_a_resident_can_use(tmp_path: Path) -> None:
                          "meter"}
         passwords = [u["password"] for u in demo["users"]]
         assert len(set(passwords)) == len(passwords) and all(len(p) >= 12 for p in passwords)
+        _device_logins_and_monitor(demo)
 
-        mqtt = demo["mqtt"]
-        async with (
-            httpx.AsyncClient(base_url=demo["api"], timeout=10) as http,
-            aiomqtt.Client(mqtt["host"], mqtt["port"]) as observer,
-        ):
-            await observer.subscribe(f"{mqtt['root']}/devices/gate-north/command", qos=1)
-            login = await http.post("/api/v1/auth/token", data={
-                "username": residents[0]["username"], "password": residents[0]["password"]})
-            assert login.status_code == 200, login.text
-            auth = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        async with httpx.AsyncClient(base_url=demo["api"], timeout=10) as http:
+            auth = await _resident(http, demo)
             token = await http.post("/api/v1/me/access-token", headers=auth)
             assert token.status_code == 200 and token.json()["qr"].startswith("SC1.")
-            unlock = await http.post("/api/v1/gates/gate-north/unlock", headers=auth)
-            assert unlock.status_code == 202, unlock.text
-            async with asyncio.timeout(10):
-                async for message in observer.messages:
-                    assert isinstance(message.payload, bytes)
-                    command = json.loads(message.payload)
-                    if command.get("command_id") == unlock.json()["command_id"]:
-                        assert command["action"] == "unlock"
-                        break
-        output, _ = await asyncio.wait_for(proc.communicate(), 40)
+            await _refuses_anonymous_and_forgery(demo, http, auth)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, output.decode()[-3000:]
-    log = output.decode()
+        log = await _stop(proc)
+    assert "mosquitto broker" in log and "anonymous clients refused" in log
     assert "gate-north: unlocked" in log or "gate-south: unlocked" in log
-    assert "enabled" in log  # elevator floors
+    assert "enabled" in log  # elevator floors: the simulated readers logged in and work
+    assert "for 3600 s" not in log  # the forged unlock never reached a gate
+    conf = (tmp_path / "mqtt" / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in conf and f"acl_file {tmp_path / 'mqtt' / 'acl'}" in conf
+
+
+async def test_demo_with_the_embedded_broker_requires_logins_too(tmp_path: Path) -> None:
+    proc, demo = await _start_demo(tmp_path, "--duration", "15", "--broker", "amqtt")
+    try:
+        _device_logins_and_monitor(demo)
+        async with httpx.AsyncClient(base_url=demo["api"], timeout=10) as http:
+            await _refuses_anonymous_and_forgery(demo, http, await _resident(http, demo))
+    finally:
+        log = await _stop(proc)
+    assert "amqtt broker" in log and "anonymous clients refused" in log
+    assert "enabled" in log  # the simulators logged in through the embedded broker

@@ -54,10 +54,20 @@ DEVICES = [
 KINDS = sorted({d.kind for d in DEVICES})
 
 # Whole minutes, ending a minute before now: the "now" panel looks at the last 5 minutes.
-NOW_S = int(time.time())
-END_S = NOW_S // 60 * 60 - 60
-START_S = END_S - 30 * 60
-RANGE_MS = ((NOW_S - 3600) * 1000, (NOW_S + 60) * 1000)  # the dashboard's "last hour"
+# Set again by `_timeline()` when the data is written: the suite may run for many minutes
+# between importing this module and writing, and "now" must be the writing's now.
+NOW_S = END_S = START_S = 0
+RANGE_MS = (0, 0)
+
+
+def _timeline() -> None:
+    global NOW_S, END_S, START_S, RANGE_MS, POINTS, ALERTS  # see the comment above
+    NOW_S = int(time.time())
+    END_S = NOW_S // 60 * 60 - 60
+    START_S = END_S - 30 * 60
+    RANGE_MS = ((NOW_S - 3600) * 1000, (NOW_S + 60) * 1000)  # the dashboard's "last hour"
+    POINTS = _readings()
+    ALERTS = _alerts()
 
 
 @dataclass(frozen=True)
@@ -81,8 +91,8 @@ def _readings() -> list[Point]:
     return points
 
 
-POINTS = _readings()
-ALERTS: list[dict[str, Any]] = [
+def _alerts() -> list[dict[str, Any]]:
+    return [
     {"rule_id": "power-high", "device_id": "meter-main", "severity": "warning",
      "state": "firing", "value": 1500.0, "message": "power 1500 W above 1400 W",
      "ts": float(START_S + 300)},
@@ -92,7 +102,11 @@ ALERTS: list[dict[str, Any]] = [
     {"rule_id": "filter-clogged", "device_id": "erv-b1", "severity": "critical",
      "state": "firing", "value": 250.5, "message": 'filter dp 250.5 Pa, "replace"',
      "ts": float(START_S + 1200)},
-]
+    ]
+
+
+POINTS: list[Point] = []
+ALERTS: list[dict[str, Any]] = []
 
 
 def telemetry_line(point: Point) -> str:
@@ -109,6 +123,7 @@ def telemetry_line(point: Point) -> str:
 @pytest.fixture(scope="module")
 def influxdb() -> Iterator[InfluxDB]:
     with influxdb_server() as server:
+        _timeline()
         lines = [telemetry_line(p) for p in POINTS]
         lines += [line for alert in ALERTS if (line := alert_line(alert, SITE)) is not None]
         assert len(lines) == len(POINTS) + len(ALERTS)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -34,7 +35,7 @@ from gateway.store.db import make_engine, upgrade
 from simulators.canteen import CanteenTerminal, card_credential, lunch_hour
 from simulators.demo.broker import Mosquitto
 from simulators.phone import SimulatedPhone
-from tests.community import running_gateway
+from tests.community import Running, running_gateway
 
 CARDS = {"card-1": "r-1", "card-2": "r-2", "card-3": "r-3"}
 
@@ -49,7 +50,7 @@ class Directory:
     calls: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def resolve(self, kind: str, value: str, now: float) -> str | Reason:
+    def resolve(self, kind: str, value: str, now: float, use_ref: str = "") -> str | Reason:
         with self.lock:
             self.calls += 1
             if kind == "card":
@@ -129,9 +130,10 @@ def test_a_retried_qr_payment_is_answered_without_spending_the_token_again(
 
 def test_a_batch_with_bad_items_retries_and_duplicates(ledger: Ledger) -> None:
     ledger.topup("r-1", 1000, "topup-key-1")
-    handler = PaymentHandler(ledger, Directory().resolve, clock=lambda: 3600.0)
-    handler.handle_request("pos-1", request("t-1", 400, "card", "card-1"))
-    items = [json.loads(request(*args)) for args in [
+    handler = PaymentHandler(ledger, Directory().resolve)
+    sold = time.time() - 60
+    handler.handle_request("pos-1", request("t-1", 400, "card", "card-1", sold))
+    items = [json.loads(request(*args, sold)) for args in [
         ("t-1", 400, "card", "card-1"),  # answered online before the outage
         ("o-1", 500, "card", "card-1"),
         ("o-1", 500, "card", "card-1"),
@@ -265,6 +267,17 @@ async def test_terminals_over_mqtt_pay_exactly_once_through_losses_and_an_outage
     assert ledger.audit() == []
 
 
+async def say_offline(broker: Mosquitto, run: Running, device_id: str) -> None:
+    """What a terminal's last will says when its link drops; waits until the gateway saw it."""
+    async with aiomqtt.Client(broker.host, broker.port) as will:
+        await will.publish(f"{run.root}/devices/{device_id}/status", b'{"online": false}',
+                           qos=1, retain=True)
+    assert run.gateway.router is not None
+    async with asyncio.timeout(5):
+        while run.gateway.router.state[device_id].online is not False:
+            await asyncio.sleep(0.01)
+
+
 async def test_the_gateway_runtime_takes_payments_from_demo_residents(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
@@ -282,6 +295,8 @@ async def test_the_gateway_runtime_takes_payments_from_demo_residents(
             by_phone = await till.sell(2000, lambda: Credential("qr", phone.qr()))
             too_much = await till.sell(2000, card_credential(alice.cards["canteen"]))
             stranger = await till.sell(100, card_credential("C-NOBODY"))
+            # The till loses its link: the broker publishes its last will, and it sells on.
+            await say_offline(mosquitto, run, "canteen-1")
             till.online = False
             offline = await till.sell(900, card_credential(alice.cards["canteen"]))
             uploaded = await till.come_online()

@@ -224,33 +224,37 @@ def test_offline_batch_applies_in_order_and_reports_what_it_could_not_cover(
     ledger.topup("r-1", 1000, "topup-key-1")
     batch = [
         BatchPayment("o-1", 600, "r-1", NOON - 600),
-        BatchPayment("o-2", 700, "r-1", NOON - 500),  # 400 left: 300 short
+        BatchPayment("o-2", 700, "r-1", NOON - 500),  # r-1 at 1300 > 1000: over the card limit
         BatchPayment("o-1", 600, "r-1", NOON - 600),  # duplicate in the upload
         BatchPayment("o-3", 800, Reason.UNKNOWN_CARD, NOON - 400),
         BatchPayment("o-4", 900, "r-2", NOON - 300),  # no purse at all
+        BatchPayment("o-5", 300, "r-1", NOON - 200),  # the terminal at 2600 > 2500
     ]
     results = ledger.apply_batch("pos-1", "b-1", batch)
     assert [r.to_wire() for r in results] == [
         {"txn_id": "o-1", "approved": True, "balance_cents": 400, "reason": None},
-        {"txn_id": "o-2", "approved": False, "balance_cents": 0,
-         "reason": "insufficient_funds", "shortfall_cents": 300},
+        {"txn_id": "o-2", "approved": False, "balance_cents": 400,
+         "reason": "offline_limit", "shortfall_cents": 700},
         {"txn_id": "o-3", "approved": False, "balance_cents": None, "reason": "unknown_card",
          "shortfall_cents": 800},
         {"txn_id": "o-4", "approved": False, "balance_cents": 0,
          "reason": "insufficient_funds", "shortfall_cents": 900},
+        {"txn_id": "o-5", "approved": False, "balance_cents": 400,
+         "reason": "offline_limit", "shortfall_cents": 300},
     ]
-    assert payment_journals(ledger.engine, "pos-1", "o-2") == [400]
+    # Beyond a limit nothing is debited: the sale goes to staff review, with whose it was.
+    assert payment_journals(ledger.engine, "pos-1", "o-2") == []
+    assert ledger.balance("r-1") == 400
     # Uploading the same batch again changes nothing and answers the same.
     assert ledger.apply_batch("pos-1", "b-1", batch) == results
     report = ledger.reconcile(date(2026, 3, 2))
-    assert [(r.txn_id, r.account_id, r.covered_cents, r.shortfall_cents, r.reason)
-            for r in report] == [
-        ("o-2", "r-1", 400, 300, "insufficient_funds"),
-        ("o-3", None, 0, 800, "unknown_card"),
-        ("o-4", "r-2", 0, 900, "insufficient_funds"),
+    assert [(r.txn_id, r.account_id, r.covered_cents, r.shortfall_cents, r.reason,
+             r.over_limit) for r in report] == [
+        ("o-2", "r-1", 0, 700, "offline_limit", "card"),
+        ("o-3", None, 0, 800, "unknown_card", None),
+        ("o-4", "r-2", 0, 900, "insufficient_funds", None),
+        ("o-5", "r-1", 0, 300, "offline_limit", "terminal"),
     ]
-    # Limits: 1000 per card (o-2 took r-1 to 1300), 2500 per terminal (o-4 reached 3000).
-    assert [r.over_limit for r in report] == ["card", None, "terminal"]
     assert ledger.reconcile(date(2026, 3, 1)) == []
     assert ledger.audit() == []
 

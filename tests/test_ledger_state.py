@@ -9,6 +9,7 @@ on every purse), and every approved payment is in the ledger exactly once (refus
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import func, select
 
+from device_drivers.offline_sales import DEFAULT_LIMITS
 from device_drivers.vocabulary import Reason
 from gateway.canteen.ledger import (
     BatchPayment,
@@ -73,8 +75,14 @@ class LedgerMachine(RuleBasedStateMachine):
         return f"{self.prefix}-pos{i}"
 
     def new_key(self, key: tuple[str, str], amount: int, resolution: str | Reason,
-                online: bool) -> Expected:
+                online: bool, over_limit: bool = False) -> Expected:
         """The model's decision for a payment seen for the first time."""
+        if not isinstance(resolution, Reason) and over_limit:
+            # Beyond the offline limit: nothing debited, the whole amount for staff review.
+            wire = {"txn_id": key[1], "approved": False,
+                    "balance_cents": self.balances.get(resolution, 0),
+                    "reason": "offline_limit", "shortfall_cents": amount}
+            return Expected(amount, resolution, wire, 0, online)
         if isinstance(resolution, Reason):
             wire: dict[str, object] = {"txn_id": key[1], "approved": False,
                                        "balance_cents": None, "reason": resolution.value}
@@ -166,6 +174,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), terminal=st.integers(0, 1), size=st.integers(1, 6))
     def batch(self, data: st.DataObject, terminal: int, size: int) -> None:
         term = self.terminal(terminal)
+        now = time.time()
         items: list[BatchPayment] = []
         for _ in range(size):
             known = [k for k in self.payments if k[0] == term]
@@ -174,25 +183,31 @@ class LedgerMachine(RuleBasedStateMachine):
             if retry:
                 key = data.draw(st.sampled_from(sorted(known)))
                 e = self.payments[key]
-                items.append(BatchPayment(key[1], e.amount, e.account or Reason.REVOKED, 1.0))
+                items.append(BatchPayment(key[1], e.amount, e.account or Reason.REVOKED, now))
             elif duplicate:
                 items.append(data.draw(st.sampled_from(items)))  # duplicate within the upload
             else:
                 resolution = self.resolution(data.draw(st.integers(0, PURSES)),
                                              data.draw(refusals))
                 items.append(BatchPayment(f"t-{next(self.txns)}", data.draw(amounts),
-                                          resolution, 1.0))
+                                          resolution, now))
         results = self.ledger.apply_batch(term, f"b-{next(self.txns)}", items)
         expected: list[dict[str, object]] = []
         seen: set[str] = set()
+        exposure: dict[str, int] = {}  # per card in this upload (no window: per batch)
         for item in items:
             if item.txn_id in seen:
                 continue
             seen.add(item.txn_id)
             key = (term, item.txn_id)
             if key not in self.payments:
+                card = (f"refused:{item.resolution}" if isinstance(item.resolution, Reason)
+                        else item.resolution)
+                over = exposure.get(card, 0) + item.amount_cents > DEFAULT_LIMITS.per_card_cents
+                if not over:
+                    exposure[card] = exposure.get(card, 0) + item.amount_cents
                 self.payments[key] = self.new_key(key, item.amount_cents, item.resolution,
-                                                  online=False)
+                                                  online=False, over_limit=over)
             expected.append(self.payments[key].wire)
         assert [r.to_wire() for r in results] == expected
 

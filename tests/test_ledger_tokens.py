@@ -134,9 +134,10 @@ def test_the_ledger_refuses_a_second_payment_with_the_same_token_key(
     assert ledger.pay("pos-2", "t-2", 1000, "r-1", NOW, token_key="qr:k1") == PaymentResult(
         "t-2", False, None, Reason.REPLAYED_TOKEN)
     # Within one upload, the second use of a token is the replay.
+    sold = time.time()
     uploaded = ledger.apply_batch("pos-1", "b-1", [
-        BatchPayment("o-1", 500, "r-1", NOW, "ble:k2"),
-        BatchPayment("o-2", 600, "r-1", NOW, "ble:k2"),
+        BatchPayment("o-1", 500, "r-1", sold, "ble:k2"),
+        BatchPayment("o-2", 600, "r-1", sold, "ble:k2"),
     ])
     assert [(r.approved, r.reason, r.shortfall_cents) for r in uploaded] == [
         (True, None, 0), (False, Reason.REPLAYED_TOKEN, 600)]
@@ -176,8 +177,10 @@ def test_batch_items_dated_too_far_ahead_or_back_are_malformed(
 ) -> None:
     ledger.topup("r-1", 5000, "topup-key-1")
     # Decided a week and more ago: a late retry still gets its first answer.
-    old = ledger.apply_batch("pos-1", "b-0", [
+    then = Ledger(engine, clock=lambda: NOW - MAX_BATCH_AGE_S - 3000)
+    old = then.apply_batch("pos-1", "b-0", [
         BatchPayment("o-old", 100, "r-1", NOW - MAX_BATCH_AGE_S - 3600)])
+    ledger = Ledger(engine, ledger.limits, clock=lambda: NOW)
     handler = PaymentHandler(ledger, Directory().resolve, clock=lambda: NOW)
     upload = batch(
         "b-1",
@@ -256,16 +259,16 @@ def test_unstorable_ids_are_answered_as_malformed_and_never_written(
 # -- 3. a retry after a failed write --------------------------------------------------------
 
 def fail_next_write(ledger: Ledger, monkeypatch: pytest.MonkeyPatch, times: int = 1) -> None:
-    real = ledger.pay_many
+    real = ledger._transaction
     left = [times]
 
-    def pay_many(*args: Any, **kwargs: Any) -> list[PaymentResult]:
+    def transaction(work: Any) -> Any:
         if left[0] > 0:
             left[0] -= 1
             raise OperationalError("INSERT", {}, Exception("connection lost"))
-        return real(*args, **kwargs)
+        return real(work)
 
-    monkeypatch.setattr(ledger, "pay_many", pay_many)
+    monkeypatch.setattr(ledger, "_transaction", transaction)
 
 
 def test_a_retry_after_a_failed_write_reuses_the_first_resolution(

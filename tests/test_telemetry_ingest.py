@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from device_drivers.vocabulary import Reading
+from device_drivers.vocabulary import PLAUSIBLE_RANGES, Reading
 from gateway.telemetry.ingest import MAX_METRICS, REASONS, Ingest, device_from_topic
 from gateway.telemetry.records import decode_record, encode_reading
 
@@ -127,6 +127,11 @@ BAD: list[tuple[str, str, bytes]] = [
     ("bad_metric_name", "m-1", msg({"metrics": {"seq": 1}})),
     ("bad_metric_name", "m-1", msg({"metrics": {"time": 1}})),
     ("no_metrics", "m-1", msg({"ts": NOW, "metrics": {}})),
+    ("bad_timestamp", "m-1", msg(one(ts=NOW + 301))),  # more than 5 minutes ahead
+    ("implausible", "m-1", msg({"metrics": {"power_w": 1e12}})),
+    ("implausible", "m-1", msg({"metrics": {"energy_wh": -5.0}})),
+    ("implausible", "m-1", msg({"metrics": {"humidity_pct": 140}})),
+    ("implausible", "m-1", msg({"metrics": {"running": 2}})),
 ]
 
 
@@ -143,6 +148,27 @@ def test_each_refusal_is_counted_by_reason_and_the_next_reading_arrives(
 
 def test_every_reason_is_covered() -> None:
     assert {reason for reason, _, _ in BAD} == set(REASONS)
+
+
+def test_plausible_edges_and_custom_metrics_pass() -> None:
+    ing, _ = ingest()
+    readings = ing.message("m-1", msg(one(ts=NOW + 299, seq=1, power_w=-10e6, energy_wh=0.0,
+                                          humidity_pct=100, my_counter=1e30)), NOW)
+    assert readings and readings[0].metrics == {"power_w": -10e6, "energy_wh": 0.0,
+                                                "humidity_pct": 100.0, "my_counter": 1e30}
+
+
+def test_device_events_are_parsed_and_refused_like_readings() -> None:
+    ing, _ = ingest()
+    event = ing.event("m-1", msg({"type": "tamper", "ts": NOW - 1.0004}), NOW)
+    assert event is not None and (event.type, event.ts, event.kind) == ("tamper", NOW - 1.0,
+                                                                       "meter")
+    assert ing.event("nobody", msg({"type": "tamper"}), NOW) is None
+    assert ing.event("m-1", msg({"type": ""}), NOW) is None
+    assert ing.event("m-1", msg({"type": "x" * 65}), NOW) is None
+    assert ing.event("m-1", msg({"type": "tamper", "ts": NOW + 3600}), NOW) is None
+    assert ing.event("m-1", b"not json", NOW) is None
+    assert dict(ing.refused) == {"unknown_device": 1, "malformed": 3, "bad_timestamp": 1}
 
 
 def test_ten_thousand_metrics_are_refused_without_parsing_each() -> None:
@@ -255,13 +281,13 @@ def test_never_raises_and_counts_every_message(payload: bytes) -> None:
 
 
 names = st.from_regex(r"[a-z][a-z0-9_]{0,63}", fullmatch=True).filter(
-    lambda n: n not in ("seq", "time"))
+    lambda n: n not in ("seq", "time") and n not in PLAUSIBLE_RANGES)  # any value is plausible
 
 
 @settings(max_examples=300)
 @given(st.dictionaries(names, st.floats(allow_nan=False, allow_infinity=False)
                        | st.integers(-2**60, 2**60), min_size=1, max_size=8),
-       st.floats(946_684_800, NOW + 86_000), st.integers(0, 2**63 - 1) | st.none())
+       st.floats(946_684_800, NOW + 300), st.integers(0, 2**63 - 1) | st.none())
 def test_an_accepted_reading_is_what_its_spool_record_decodes_to(
         metrics: dict[str, float], ts: float, seq: int | None) -> None:
     """The local store may take a reading from memory or decode it: same minute, same values."""

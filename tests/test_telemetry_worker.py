@@ -186,8 +186,10 @@ def test_every_reading_arrives_in_influxdb_and_the_local_store(
                    30, "a report after the drain")
         report = client.report
     assert set(report) == HEALTH_KEYS and set(report["spool"]) == SPOOL_KEYS
-    assert set(report["sinks"]) == {"local", "influxdb"}
-    assert all(set(sink) == SINK_KEYS for sink in report["sinks"].values())
+    assert set(report["sinks"]) == {"local", "rules", "influxdb"}
+    assert all(set(sink) == SINK_KEYS for name, sink in report["sinks"].items()
+               if name != "rules")
+    assert set(report["sinks"]["rules"]) == SINK_KEYS | {"fired", "resolved", "engine_errors"}
     assert set(report["spool"]["consumers"]["local"]) == {
         "depth_records", "depth_bytes", "oldest_age_s", "dropped"}
     assert report["ingest"]["refused"] == {} and report["mqtt"]["fast_path"] is True
@@ -243,6 +245,27 @@ def test_bad_input_is_counted_by_reason_and_the_next_good_reading_arrives(
         wait_until(lambda: client.report["ingest"]["refused"] == expected, 30,
                    "every refusal counted")
         assert client.report["ingest"]["accepted"] == 1
+
+
+def test_nobody_speaks_for_a_polled_unit_but_the_poller(mosquitto: Mosquitto,
+                                                          tmp_path: Path) -> None:
+    config = site_config(mosquitto, tmp_path, ["m-01"])
+    unit = {"device_id": "ahu-polled", "kind": "hvac", "profile": "heat-pump-split",
+            "host": "127.0.0.1", "port": 1502}
+    config = SiteConfig.model_validate({**config.model_dump(mode="json"),
+                                        "devices": [*config.model_dump(mode="json")["devices"],
+                                                    unit]})
+    with worker_thread(config), mqtt_client(mosquitto, config) as client:
+        wait_until(lambda: subscribed(client), 30, "the worker's subscription")
+        client.reading("ahu-polled", 1)  # someone speaking for the unit on its device topic
+        poller = f"{config.mqtt.root}/gateway/{config.site.id}/polled/ahu-polled"
+        client.client.publish(poller, json.dumps({"ts": BASE, "seq": 2,
+                                                  "metrics": {"power_w": 5.0}}), qos=1)
+        client.client.publish(f"{config.mqtt.root}/gateway/{config.site.id}/polled/m-01",
+                              json.dumps({"metrics": {"power_w": 5.0}}), qos=1)
+        wait_until(lambda: store_counts(config) == {"ahu-polled": 1}, 30, "the poller's reading")
+        wait_until(lambda: client.report["ingest"]["refused"] == {
+            "polled_unit": 1, "unknown_device": 1}, 30, "the forged readings refused")
 
 
 # ---- kill -9 ---------------------------------------------------------------------------------
@@ -334,11 +357,12 @@ def test_a_full_spool_drops_the_oldest_and_counts_them(mosquitto: Mosquitto,
                                                         tmp_path: Path) -> None:
     config = site_config(mosquitto, tmp_path, ["m-01"], migrate=False, spool_max_mb=1)
     total = 20_000
+    start = round(time.time()) - 2 * total  # all in the past: none is refused as ahead
     with worker_thread(config, retry_max_s=0.5), mqtt_client(mosquitto, config) as client:
         wait_until(lambda: subscribed(client), 30, "the worker's subscription")
         for first in range(0, total, 200):  # one reading per second of event time
             client.send("m-01", {"readings": [
-                {"ts": BASE + i, "seq": i, "metrics": {"power_w": float(i)}}
+                {"ts": start + i, "seq": i, "metrics": {"power_w": float(i)}}
                 for i in range(first, first + 200)]})
         wait_until(lambda: client.report["ingest"]["accepted"] == total, 60, "ingest")
         local = client.report["sinks"]["local"]
@@ -355,7 +379,7 @@ def test_a_full_spool_drops_the_oldest_and_counts_them(mosquitto: Mosquitto,
     with engine.connect() as conn:
         oldest = conn.execute(text("SELECT MIN(minute) FROM telemetry_rollups")).scalar_one()
     engine.dispose()
-    assert oldest == minute_of(BASE + dropped)  # exactly the oldest went
+    assert oldest == minute_of(start + dropped)  # exactly the oldest went
 
 
 # ---- staying up, and failing loudly ----------------------------------------------------------

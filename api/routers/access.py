@@ -14,7 +14,7 @@ from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
 
 from api.auth import Ctx, Resident
-from api.deps import Access
+from api.deps import Access, DeviceId
 from api.errors import errors
 from api.services import RemoteDecision
 from device_drivers.mqtt_protocol import device_topic, encode
@@ -83,7 +83,7 @@ async def _send(ctx: Ctx, device_id: str, command: dict[str, object], command_id
     response_model=CommandAccepted,
     responses=errors(401, 403, 404, 422, 503),
 )
-async def unlock_gate(ctx: Ctx, user: Resident, access: Access, device_id: str
+async def unlock_gate(ctx: Ctx, user: Resident, access: Access, device_id: DeviceId
                       ) -> CommandAccepted:
     _device(ctx, device_id, "gate")
     assert user.resident_id is not None
@@ -104,7 +104,7 @@ async def unlock_gate(ctx: Ctx, user: Resident, access: Access, device_id: str
     responses=errors(401, 403, 404, 422, 503),
 )
 async def call_elevator(
-    ctx: Ctx, user: Resident, access: Access, device_id: str, body: CallFloorIn
+    ctx: Ctx, user: Resident, access: Access, device_id: DeviceId, body: CallFloorIn
 ) -> CommandAccepted:
     _device(ctx, device_id, "elevator")
     assert user.resident_id is not None

@@ -16,6 +16,7 @@ from gateway.store import directory as d
 
 ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 CARD_NUMBER = r"^[\x21-\x7e]{1,64}$"
+LATEST_TS = 4_102_444_800.0  # 2100-01-01: beyond any visit, well inside every column type
 
 
 # --- requests -----------------------------------------------------------------------------
@@ -77,8 +78,10 @@ class GroupPatch(BaseModel):
 
 class VisitIn(BaseModel):
     visitor_name: str = Field(min_length=1, max_length=128)
-    valid_from: float
-    valid_until: float
+    valid_from: float = Field(ge=0, le=LATEST_TS, allow_inf_nan=False,
+                              description="Unix seconds")
+    valid_until: float = Field(ge=0, le=LATEST_TS, allow_inf_nan=False,
+                               description="Unix seconds; at most 7 days after valid_from")
     max_uses: int = Field(default=4, ge=1, le=d.MAX_PASS_USES)
     gate_ids: list[str] = Field(default_factory=list, max_length=20)
 

@@ -5,10 +5,15 @@ Money-moving calls carry a client-chosen `idempotency_key`: a retried request (a
 a double click) returns the first receipt with `replayed: true` instead of paying twice,
 and the key reused for a different request is a 409. Mounting:
 `create_app(ctx, [canteen.router])` with the ledger in `ctx.services.canteen`.
+
+Days are the site's (`site.timezone`): a 07:30 breakfast in Asia/Shanghai belongs to that
+day, not the UTC day before. `tz` may name another zone for one report. A day is an ISO
+`YYYY-MM-DD` string and nothing else (a number is not read as seconds since 1970).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from datetime import date
 from typing import Annotated
@@ -16,7 +21,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from api.auth import Ctx, Resident, require_roles
 from api.deps import LedgerDep
@@ -97,9 +102,26 @@ class SettlementOut(BaseModel):
 
 PathId = Annotated[str, Path(pattern=ID_PATTERN)]
 Limit = Annotated[int, Query(ge=1, le=500)]
+_ISO_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
-def _zone(name: str) -> ZoneInfo:
+def _iso_day(value: object) -> object:
+    """Only `YYYY-MM-DD`: pydantic alone would also read `0` as 1970-01-01."""
+    if isinstance(value, date):
+        return value
+    if not isinstance(value, str) or not _ISO_DAY.fullmatch(value):
+        raise ValueError("a date as YYYY-MM-DD")
+    return value
+
+
+Day = Annotated[date, BeforeValidator(_iso_day), Query(
+    alias="date", description="the day, `YYYY-MM-DD`, in the site's time zone unless `tz`")]
+Zone = Annotated[str | None, Query(
+    min_length=1, max_length=64, description="an IANA time zone; default `site.timezone`")]
+
+
+def _zone(ctx: Ctx, name: str | None) -> ZoneInfo:
+    name = ctx.config.site.timezone if name is None else name
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
@@ -162,7 +184,7 @@ async def topup(
 ) -> ReceiptOut:
     """Credit a resident's purse (cash taken at the counter)."""
     def run() -> Receipt:
-        with ctx.engine.connect() as conn:
+        with ctx.reader.connect() as conn:
             try:
                 resident = get_resident(conn, resident_id)
             except NotFound as exc:
@@ -200,22 +222,20 @@ async def refund(
 @router.get("/canteen/reconciliation", response_model=list[ShortfallRow],
             responses=errors(401, 403, 422, 503))
 async def reconciliation(
-    day: Annotated[date, Query(alias="date")], _: Staff, ledger: LedgerDep,
-    tz: Annotated[str, Query()] = "UTC",
+    ctx: Ctx, day: Day, _: Staff, ledger: LedgerDep, tz: Zone = None,
 ) -> list[ShortfallRow]:
     """Offline sales posted that day that their purse could not cover."""
-    rows = await run_in_threadpool(ledger.reconcile, day, _zone(tz))
+    rows = await run_in_threadpool(ledger.reconcile, day, _zone(ctx, tz))
     return list(rows)
 
 
 @router.get("/canteen/settlement", response_model=SettlementOut,
             responses=errors(401, 403, 422, 503))
 async def settlement(
-    day: Annotated[date, Query(alias="date")], _: Staff, ledger: LedgerDep,
-    tz: Annotated[str, Query()] = "UTC",
+    ctx: Ctx, day: Day, _: Staff, ledger: LedgerDep, tz: Zone = None,
 ) -> SettlementOut:
     """Per terminal: sales, refunds and net for the day (the same figures as the CLI)."""
-    rows = await run_in_threadpool(ledger.settle, day, _zone(tz))
+    rows = await run_in_threadpool(ledger.settle, day, _zone(ctx, tz))
     return SettlementOut(
         date=day,
         terminals=[SettlementRowOut(**asdict(r), net_cents=r.net_cents) for r in rows],

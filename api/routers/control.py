@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, HTTPException, status
 from pydantic import BaseModel, Field
 
 from api.auth import require_roles
-from api.deps import Modbus
+from api.deps import DeviceId, Modbus
 from api.errors import errors
 from device_drivers.modbus.errors import ModbusError, UnknownDevice, WriteRefused
 from gateway.store.users import Role, User
@@ -45,7 +45,7 @@ def _unknown(device_id: str) -> HTTPException:
 
 @router.post("/{device_id}/set", response_model=SetOut,
              responses=errors(401, 403, 404, 422, 502, 503))
-async def set_values(_user: Engineer, fleet: Modbus, device_id: str, body: SetIn) -> SetOut:
+async def set_values(_user: Engineer, fleet: Modbus, device_id: DeviceId, body: SetIn) -> SetOut:
     try:
         readback = await fleet.write(device_id, body.values)
     except UnknownDevice:
@@ -59,7 +59,7 @@ async def set_values(_user: Engineer, fleet: Modbus, device_id: str, body: SetIn
 
 @router.get("/{device_id}/registers", response_model=list[RegisterOut],
             responses=errors(401, 403, 404, 422, 503))
-async def registers(_user: Engineer, fleet: Modbus, device_id: str) -> list[RegisterOut]:
+async def registers(_user: Engineer, fleet: Modbus, device_id: DeviceId) -> list[RegisterOut]:
     if device_id not in fleet.device_ids:
         raise _unknown(device_id)
     return [

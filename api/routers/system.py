@@ -1,16 +1,25 @@
-"""Health, readiness, Prometheus metrics and the device list."""
+"""Health, readiness, Prometheus metrics and the device list.
+
+/metrics names every device, reader and terminal and how busy each is: it answers a request
+carrying `Authorization: Bearer <api.metrics_token>` (from SCGW__API__METRICS_TOKEN,
+compared in constant time) from anywhere, and without the token only a client in
+`api.metrics_networks` (default: loopback only). Anyone else gets 401.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import hmac
+import ipaddress
+from functools import cache
+from pathlib import Path as FilePath
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, status
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from pydantic import BaseModel
 
-from api.auth import Ctx, require_roles
-from api.deps import Latest
+from api.auth import Ctx, client_address, require_roles
+from api.deps import DeviceId, Latest
 from api.errors import errors
 from gateway.store.users import Role, User
 
@@ -24,7 +33,7 @@ class PrometheusText(PlainTextResponse):
     media_type = "text/plain; version=0.0.4"  # the text format generate_latest() writes
 
 
-_DASHBOARD = Path(__file__).parents[1] / "static" / "dashboard.html"
+_DASHBOARD = FilePath(__file__).parents[1] / "static" / "dashboard.html"
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -62,9 +71,40 @@ async def readyz(ctx: Ctx, response: Response) -> ReadyOut:
     return ReadyOut(ready=ready, problems=problems)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@cache
+def _networks(names: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in names)
+
+
+def metrics_allowed(ctx: Ctx, request: Request) -> bool:
+    """The token, compared in constant time; or, without one, a client in the networks."""
+    expected = ctx.config.api.metrics_token
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if expected is not None and scheme.lower() == "bearer" and given:
+        return hmac.compare_digest(given.strip().encode(),
+                                   expected.get_secret_value().encode())
+    try:
+        client = ipaddress.ip_address(client_address(request))
+    except ValueError:
+        return False
+    return any(client in net for net in _networks(tuple(ctx.config.api.metrics_networks)))
+
+
+_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
+
+
 @router.get("/metrics", response_class=PrometheusText,
-            responses={200: {"description": "Prometheus text exposition format"}})
-async def metrics(ctx: Ctx) -> PrometheusText:
+            responses={200: {"description": "Prometheus text exposition format"},
+                       401: {"description": "no or wrong metrics token, from a client "
+                                            "outside api.metrics_networks",
+                             "content": _JSON_ERROR}})
+async def metrics(ctx: Ctx, request: Request) -> PrometheusText:
+    if not metrics_allowed(ctx, request):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="metrics need the token",
+                            headers={"WWW-Authenticate": "Bearer"})
     return PrometheusText(ctx.metrics.render())
 
 
@@ -104,7 +144,7 @@ class LatestOut(BaseModel):
 
 @router.get("/api/v1/devices/{device_id}/latest", response_model=LatestOut,
             responses=errors(401, 403, 404, 422, 503))
-async def latest_reading(_user: StaffOrEngineer, latest: Latest, device_id: str) -> LatestOut:
+async def latest_reading(_user: StaffOrEngineer, latest: Latest, device_id: DeviceId) -> LatestOut:
     """The newest value of every metric the device reported (Modbus poll or MQTT telemetry)."""
     reading = latest.get(device_id)
     if reading is None:

@@ -10,24 +10,48 @@ Deleting the newest rows, or rewriting the whole chain, is only visible against 
 Tokens and secrets never reach this table: an entry carries the credential type and the
 credential reference the access service resolved, not the presented value.
 
-The hot path only appends to an in-memory queue (`record`); a background task writes
-batches from a worker thread every `flush_interval_s` or `batch_size` entries. A failed
-write keeps its entries queued and is retried; leaving the context writes everything still
-pending before it returns.
+Nothing is lost unseen. Every entry this process records gets its instance id and the next
+gateway sequence number (`gw_instance`, `gw_seq`, unique together); `verify` reports any
+number missing between 1 and the highest written, and, for an instance that is gone, any
+missing after it up to the highest it reported handing out (gateway.access.presence). The
+reader-facing path goes further: `commit` writes the entry (with the token use it spends,
+gateway.access.spent) in one transaction and only then returns, so the decision is
+recorded before it is sent and an answer can never be missing from the log.
+
+Two ways in. `commit` is for the decision hot path: it wakes the writer at once, and
+concurrent commits share one transaction (group commit, one fsync). `record` only queues
+(the API's remote opens, canteen bookkeeping); the writer writes those every
+`flush_interval_s` or `batch_size` entries. Writes run on the writer's own thread with a
+short lock wait, so a database that is locked or unreachable fails fast: `commit` then
+returns None (the caller decides from memory), and the entry is appended to a local spill
+file and fsynced before the caller sends anything (gateway.access.audit_spill). Entries stay
+queued and are retried; the spill file is replayed by the next start after a crash.
+
+Durability of a commit: on PostgreSQL it is flushed before it returns. On SQLite (WAL) it is
+written but not fsynced unless `fsync_each_commit`: a kill -9 of the gateway loses nothing
+(the kernel has it), a power cut may lose what came in the last `wal_sync_interval_s`
+(0.2 s), after which `_sync_wal` fsyncs it; that fsync per decision would cost more than the
+whole rest of the round trip on a busy disk. When the writer is uncontended on SQLite the
+write happens on the event loop itself (no thread hand-off); otherwise on its own thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import dataclasses
 import hashlib
 import itertools
 import json
 import logging
+import os
+import secrets
+import time
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -38,20 +62,31 @@ from sqlalchemy import (
     Connection,
     Engine,
     Float,
+    Index,
     String,
     Table,
     Text,
+    func,
     insert,
+    inspect,
     select,
     text,
+    tuple_,
 )
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from device_drivers.supervision import ComponentTasks, SupervisedTask, Supervisor
+from gateway.access import spent
+from gateway.access.audit_spill import SpillFile, leftovers
+from gateway.access.presence import HEARTBEAT_S, gateway_uptime
+from gateway.access.spent import ClaimOutcome, TokenClaim
 from gateway.store.metadata import metadata
 
 log = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
+WAL_CHECKPOINT_BYTES = 4 << 20
+PEER_REASON = "answered_by_peer"  # audit only: another gateway answered this request
 
 audit_log = Table(
     "audit_log",
@@ -71,15 +106,33 @@ audit_log = Table(
     Column("floors", Text, nullable=True),  # JSON list of the floors enabled, or null
     Column("prev_hash", String(64), nullable=False),
     Column("row_hash", String(64), nullable=False),
+    # Who did it, for staff actions (enrolling a card); null for devices' decisions.
+    Column("actor", String(64), nullable=True),
+    # The gateway process and its sequence number: a missing number is a lost decision.
+    Column("gw_instance", String(32), nullable=True),
+    Column("gw_seq", BigInteger, nullable=True),
 )
+Index("ux_audit_log_gw_seq", audit_log.c.gw_instance, audit_log.c.gw_seq, unique=True)
 
 # The chained content, in a fixed order; changing it invalidates every existing chain.
 _CONTENT = (
     "id", "ts", "device_id", "device_kind", "request_id", "credential_type", "credential_ref",
     "resident_id", "visitor_pass_id", "granted", "action", "reason", "floors",
 )
+# Chained after _CONTENT when any of them is set, so rows written before they existed
+# keep their hashes.
+_EXTRA = ("actor", "gw_instance", "gw_seq")
 _STRING_LIMITS = {c.name: c.type.length for c in audit_log.columns
                   if isinstance(c.type, String) and c.type.length is not None}
+# Statements of the hot path, built once (building them per call cost more than SQLite's
+# work for a small batch).
+_HEAD = select(audit_log.c.id, audit_log.c.row_hash).order_by(audit_log.c.id.desc()).limit(1)
+_ADD_ROWS = insert(audit_log)
+_LOCK = text("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE")
+_PG_SESSION = text("SELECT set_config('lock_timeout', :lock, false), "
+                   "set_config('statement_timeout', :stmt, false)")
+_REFUSAL = {ClaimOutcome.SPENT: "replayed_token", ClaimOutcome.EXHAUSTED: "not_permitted",
+            ClaimOutcome.PEER: PEER_REASON}
 
 
 class DecisionLike(Protocol):
@@ -117,6 +170,9 @@ class AuditEntry:
     visitor_pass_id: str | None = None
     floors: tuple[int, ...] | None = None
     request_id: str | None = None
+    actor: str | None = None
+    gw_instance: str | None = None
+    gw_seq: int | None = None
 
     @classmethod
     def from_decision(
@@ -138,6 +194,10 @@ class AuditEntry:
             request_id=request_id,
         )
 
+    def refused(self, reason: str) -> AuditEntry:
+        return dataclasses.replace(self, granted=False, action="none", reason=reason,
+                                   floors=None)
+
     def content(self, row_id: int) -> dict[str, Any]:
         """The row's chained columns; over-long strings are cut so a batch never fails."""
         values: dict[str, Any] = {
@@ -154,12 +214,27 @@ class AuditEntry:
             "action": self.action,
             "reason": self.reason,
             "floors": json.dumps(list(self.floors)) if self.floors is not None else None,
+            "actor": self.actor,
+            "gw_instance": self.gw_instance,
+            "gw_seq": self.gw_seq,
         }
         for name, limit in _STRING_LIMITS.items():
             value = values.get(name)
             if isinstance(value, str) and len(value) > limit:
                 values[name] = value[:limit]
         return values
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["floors"] = list(self.floors) if self.floors is not None else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AuditEntry:
+        values = dict(data)
+        floors = values.get("floors")
+        values["floors"] = tuple(floors) if floors is not None else None
+        return cls(**values)
 
 
 def _text(value: object) -> str | None:
@@ -170,27 +245,50 @@ def _text(value: object) -> str | None:
 
 
 def canonical(values: Mapping[str, Any]) -> str:
-    return json.dumps([values[name] for name in _CONTENT], separators=(",", ":"),
-                      ensure_ascii=True, allow_nan=False)
+    chained = [values[name] for name in _CONTENT]
+    extra = [values.get(name) for name in _EXTRA]
+    if any(value is not None for value in extra):
+        chained += extra
+    return json.dumps(chained, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def chain_hash(prev_hash: str, values: Mapping[str, Any]) -> str:
     return hashlib.sha256(f"{prev_hash}|{canonical(values)}".encode()).hexdigest()
 
 
-def append_entries(conn: Connection, entries: Sequence[AuditEntry]) -> int:
+def _already_written(conn: Connection, entries: Sequence[AuditEntry]) -> set[tuple[str, int]]:
+    keys = {(e.gw_instance, e.gw_seq) for e in entries
+            if e.gw_instance is not None and e.gw_seq is not None}
+    if not keys:
+        return set()
+    found: set[tuple[str, int]] = set()
+    ordered = sorted(keys)
+    for start in range(0, len(ordered), 500):
+        chunk = ordered[start:start + 500]
+        found.update((str(i), int(s)) for i, s in conn.execute(
+            select(audit_log.c.gw_instance, audit_log.c.gw_seq).where(
+                tuple_(audit_log.c.gw_instance, audit_log.c.gw_seq).in_(chunk))).all())
+    return found
+
+
+def append_entries(conn: Connection, entries: Sequence[AuditEntry], *,
+                   skip_written: bool = False) -> int:
     """Append entries to the chain inside the caller's transaction; returns the new head id.
 
     The table lock (SQLite: the write lock BEGIN IMMEDIATE already holds) keeps two writers
-    from both extending the same head.
+    from both extending the same head. `skip_written` leaves out entries whose instance and
+    sequence number are in the log already (a spill file replayed after a crash).
     """
     if not entries:
         return 0
     if conn.dialect.name == "postgresql":
-        conn.execute(text("LOCK TABLE audit_log IN SHARE ROW EXCLUSIVE MODE"))
-    head = conn.execute(
-        select(audit_log.c.id, audit_log.c.row_hash).order_by(audit_log.c.id.desc()).limit(1)
-    ).first()
+        conn.execute(_LOCK)
+    if skip_written:
+        written = _already_written(conn, entries)
+        entries = [e for e in entries if (e.gw_instance, e.gw_seq) not in written]
+        if not entries:
+            return 0
+    head = conn.execute(_HEAD).first()
     last_id, prev = (int(head.id), str(head.row_hash)) if head is not None else (0, GENESIS_HASH)
     rows = []
     for entry in entries:
@@ -199,7 +297,7 @@ def append_entries(conn: Connection, entries: Sequence[AuditEntry]) -> int:
         row_hash = chain_hash(prev, values)
         rows.append({**values, "prev_hash": prev, "row_hash": row_hash})
         prev = row_hash
-    conn.execute(insert(audit_log), rows)
+    conn.execute(_ADD_ROWS, rows)
     return last_id
 
 
@@ -211,16 +309,66 @@ class ChainCheck:
     problem: str | None = None
     head_id: int | None = None
     head_hash: str | None = None
+    # Decisions a gateway numbered but the log does not hold: "instance: seq 12-14".
+    gaps: tuple[str, ...] = ()
 
 
-def verify(conn: Connection, anchor: tuple[int, str] | None = None) -> ChainCheck:
+def _ranges(numbers: Sequence[int]) -> str:
+    parts = []
+    for _, run in itertools.groupby(enumerate(numbers), lambda p: p[1] - p[0]):
+        values = [v for _, v in run]
+        parts.append(str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}")
+    return ", ".join(parts[:10]) + (f" and {len(parts) - 10} more runs" if len(parts) > 10
+                                    else "")
+
+
+def _sequence_gaps(conn: Connection, seen: Mapping[str, tuple[int, int]],
+                   now: float) -> list[str]:
+    """Per gateway instance: sequence numbers missing below the highest written, and above
+    it up to what an instance that is gone reported handing out."""
+    reported: dict[str, tuple[int, float]] = {}
+    if inspect(conn).has_table(gateway_uptime.name):
+        u = gateway_uptime.c
+        for instance, seq, alive in conn.execute(
+            select(u.instance_id, func.max(u.seq_assigned), func.max(u.alive_at))
+            .group_by(u.instance_id)
+        ).all():
+            reported[str(instance)] = (int(seq or 0), float(alive))
+    gaps = []
+    for instance in sorted(set(seen) | set(reported)):
+        count, highest = seen.get(instance, (0, 0))
+        missing: list[int] = []
+        if count != highest:
+            present = conn.execute(
+                select(audit_log.c.gw_seq).where(audit_log.c.gw_instance == instance)
+                .order_by(audit_log.c.gw_seq)).scalars()
+            expected = 1
+            for seq in present:
+                missing.extend(range(expected, int(seq)))
+                expected = int(seq) + 1
+                if len(missing) > 100_000:
+                    break
+        handed_out, alive_at = reported.get(instance, (0, now))
+        gone = now - alive_at > 3 * HEARTBEAT_S
+        if gone and handed_out > highest:
+            missing.extend(range(highest + 1, handed_out + 1))
+        if missing:
+            gaps.append(f"gateway {instance}: {len(missing)} decision(s) missing, "
+                        f"seq {_ranges(missing)}")
+    return gaps
+
+
+def verify(conn: Connection, anchor: tuple[int, str] | None = None,
+           now: float | None = None) -> ChainCheck:
     """Walk the chain in id order; stop at the first row that does not follow from the last.
 
     `anchor` is a (row id, row hash) recorded earlier, e.g. printed by a previous verify;
-    it catches the newest rows being deleted or the whole chain being recomputed.
+    it catches the newest rows being deleted or the whole chain being recomputed. An intact
+    chain is then checked for gateway sequence numbers that never arrived (`gaps`).
     """
     prev_hash, expected_id, rows = GENESIS_HASH, 1, 0
     anchor_seen = anchor is None
+    seen: dict[str, tuple[int, int]] = {}  # instance -> (rows, highest seq)
     stream = conn.execution_options(yield_per=2000).execute(
         select(audit_log).order_by(audit_log.c.id)
     )
@@ -232,7 +380,7 @@ def verify(conn: Connection, anchor: tuple[int, str] | None = None) -> ChainChec
                        else f"row id {row_id} is out of sequence")
         elif row["prev_hash"] != prev_hash:
             problem = "prev_hash does not match the row before it (row inserted or replaced)"
-        elif chain_hash(prev_hash, {n: row[n] for n in _CONTENT}) != row["row_hash"]:
+        elif chain_hash(prev_hash, {n: row[n] for n in (*_CONTENT, *_EXTRA)}) != row["row_hash"]:
             problem = "row content does not match its hash (row edited)"
         elif anchor is not None and row_id == anchor[0]:
             if row["row_hash"] != anchor[1]:
@@ -242,21 +390,47 @@ def verify(conn: Connection, anchor: tuple[int, str] | None = None) -> ChainChec
             stream.close()
             return ChainCheck(False, rows, row_id, problem, expected_id - 1 or None,
                               prev_hash if rows else None)
+        instance, seq = row["gw_instance"], row["gw_seq"]
+        if instance is not None and seq is not None:
+            count, highest = seen.get(instance, (0, 0))
+            seen[instance] = (count + 1, max(highest, int(seq)))
         rows += 1
         prev_hash, expected_id = str(row["row_hash"]), row_id + 1
     head_id, head_hash = (expected_id - 1, prev_hash) if rows else (None, None)
     if not anchor_seen and anchor is not None:
         return ChainCheck(False, rows, anchor[0], f"anchored row {anchor[0]} is missing "
                           "(newest rows deleted)", head_id, head_hash)
+    gaps = _sequence_gaps(conn, seen, time.time() if now is None else now)
+    if gaps:
+        return ChainCheck(False, rows, None, "decisions missing from the log: "
+                          + "; ".join(gaps), head_id, head_hash, tuple(gaps))
     return ChainCheck(True, rows, None, None, head_id, head_hash)
 
 
 class AuditError(RuntimeError):
-    """Entries could not be written at shutdown; the log names how many."""
+    """Entries could not be written (nor spilled) at shutdown; the log names how many."""
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """What `commit` wrote: the entry as recorded and what its token claim found."""
+
+    entry: AuditEntry
+    outcome: ClaimOutcome | None  # None: the entry spent no token
+
+
+@dataclass(eq=False)
+class _Item:
+    entry: AuditEntry
+    claim: TokenClaim | None = None
+    waiter: asyncio.Future[Committed] | None = None
+    decided: bool = True  # False while a commit() caller waits for the claim's verdict
+    spilled: bool = False
+    result: Committed | None = field(default=None, repr=False)
 
 
 class AuditLog:
-    """Batched, ordered writer of audit entries.
+    """Ordered writer of audit entries: group-committed on demand, batched otherwise.
 
     `record` is safe to call from the event loop's hot path: it never blocks or touches
     the database. Entries are written in the order recorded. An entry leaves the queue only
@@ -274,6 +448,13 @@ class AuditLog:
         shutdown_attempts: int = 5,
         warn_pending: int = 100_000,
         supervisor: Supervisor | None = None,
+        instance_id: str | None = None,
+        spill_dir: Path | None = None,
+        lock_wait_s: float = 0.25,
+        commit_timeout_s: float = 1.0,
+        fsync_each_commit: bool = False,
+        wal_sync_interval_s: float = 0.2,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._engine = engine
         self.flush_interval_s = flush_interval_s
@@ -281,29 +462,84 @@ class AuditLog:
         self._retry_max_s = retry_max_s
         self._shutdown_attempts = shutdown_attempts
         self._warn_pending = warn_pending
-        self._pending: deque[AuditEntry] = deque()
+        self.instance_id = instance_id or secrets.token_hex(8)
+        self._spill = SpillFile(spill_dir, self.instance_id) if spill_dir is not None else None
+        self._spill_dir = spill_dir
+        self.lock_wait_s = lock_wait_s
+        self.commit_timeout_s = commit_timeout_s
+        self.fsync_each_commit = fsync_each_commit
+        self.wal_sync_interval_s = wal_sync_interval_s
+        self._unsynced = False
+        self._synced_at = 0.0
+        self._syncing: asyncio.Future[None] | None = None
+        self._failures = 0  # consecutive failed writes; > 0: commits fall back at once
+        url = engine.url
+        self._sqlite_file = (url.get_backend_name() == "sqlite"
+                             and url.database not in (None, "", ":memory:"))
+        self._inline_possible = self._sqlite_file and not fsync_each_commit
+        self._inline = self._inline_possible
+        self._own: Connection | None = None  # SQLite: the writer's own connection
+        self._own_wait = -1.0
+        self._clock = clock
+        self._seq = itertools.count(1)
+        self.assigned_seq = 0
+        self._stamped: deque[tuple[float, int]] = deque()
+        self._reportable = 0
+        self._pending: deque[_Item] = deque()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._inflight: asyncio.Future[None] | None = None
+        self._spilling = asyncio.Lock()
+        self._inflight: asyncio.Future[list[Committed]] | None = None
         self._tasks = ComponentTasks(supervisor, "audit")
         self._writer: SupervisedTask | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._skip_written = False
         self._closed = False
         self.written = 0
         self.write_errors = 0
+        self.inline_writes = 0  # batches written on the event loop (SQLite, uncontended)
+        self.fallbacks = 0  # commits answered from memory because the database did not take them
+        self.spilled = 0
+        self.replayed = 0  # entries of a crashed instance's spill file written at start
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
-    def record(self, entry: AuditEntry) -> None:
+    # --- in ---------------------------------------------------------------------------
+
+    def _stamp(self, entry: AuditEntry) -> AuditEntry:
+        if entry.gw_seq is not None:
+            return entry
+        self.assigned_seq = next(self._seq)
+        self._stamped.append((time.monotonic(), self.assigned_seq))
+        if len(self._stamped) > 100_000:  # nobody asks (no presence): keep it bounded
+            self._reportable = self._stamped.popleft()[1]
+        return dataclasses.replace(entry, gw_instance=self.instance_id, gw_seq=self.assigned_seq)
+
+    def reportable_seq(self, settle_s: float = 2.0) -> int:
+        """The highest sequence number handed out at least `settle_s` ago: by then its entry
+        is in the database or the spill file, unless something lost it. The presence
+        heartbeat records it so `verify` can see decisions missing at a dead gateway's end.
+        """
+        horizon = time.monotonic() - settle_s
+        while self._stamped and self._stamped[0][0] <= horizon:
+            self._reportable = self._stamped.popleft()[1]
+        return self._reportable
+
+    def _enqueue(self, item: _Item) -> None:
         if self._closed:
             raise AuditError("audit log is closed; the entry would be lost")
-        self._pending.append(entry)
-        if len(self._pending) >= self.batch_size:
+        self._pending.append(item)
+        if len(self._pending) >= self.batch_size or not item.decided:
             self._wake.set()
         if len(self._pending) == self._warn_pending:
             log.warning("audit: %d entries waiting for the database", self._warn_pending)
+
+    def record(self, entry: AuditEntry, claim: TokenClaim | None = None) -> None:
+        """Queue an entry whose decision is already made (and maybe already sent)."""
+        self._enqueue(_Item(self._stamp(entry), claim))
 
     def record_decision(
         self, device_id: str, device_kind: str, decision: DecisionLike, now: float,
@@ -311,9 +547,66 @@ class AuditLog:
     ) -> None:
         self.record(AuditEntry.from_decision(device_id, device_kind, decision, now, request_id))
 
+    async def commit(self, entry: AuditEntry, claim: TokenClaim | None = None) -> Committed | None:
+        """Write the entry (and spend the token of `claim`) before returning.
+
+        The returned entry is what was recorded: a claim that finds its token spent, its
+        visitor pass used up, or its request answered by another gateway turns the entry
+        into that denial, and the caller must send exactly that. None means the database
+        did not take it in time: the entry was spilled to disk (when a spill directory is
+        configured) and stays queued, and the caller decides from memory.
+        """
+        loop = asyncio.get_running_loop()
+        degraded = self._failures > 0
+        item = _Item(self._stamp(entry), claim, None if degraded else loop.create_future(),
+                     decided=degraded)
+        self._enqueue(item)
+        try:
+            if item.waiter is None:
+                # The store failed the last write and the writer is backing off: do not make
+                # every reader wait for a timeout meanwhile.
+                raise ConnectionError("the audit store is failing")
+            self._kick()
+            async with asyncio.timeout(self.commit_timeout_s):
+                return await asyncio.shield(item.waiter)
+        except Exception as exc:  # TimeoutError, or the write failed
+            if item.result is not None:  # settled just as the wait ended
+                return item.result
+            item.decided = True
+            self.fallbacks += 1
+            log.warning("audit: decision on %s not recorded in time (%s); deciding from "
+                        "memory", entry.device_id, type(exc).__name__)
+            await self._spill_items([item])
+            return None
+
+    def _kick(self) -> None:
+        """Start writing now if the writer is idle, rather than waiting for its task to be
+        scheduled: one event-loop turn less on every decision."""
+        if self._inflight is None and not self._lock.locked() and self._executor is not None:
+            task = asyncio.ensure_future(self._write_batch())
+            task.add_done_callback(self._kicked)
+
+    def _kicked(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._wake.set()  # the writer takes it from here: retries, backs off, spills
+
+    async def record_decision_durably(
+        self, device_id: str, device_kind: str, decision: DecisionLike, now: float,
+        request_id: str | None = None,
+    ) -> bool:
+        """`record_decision`, but written (or spilled) before it returns: for a caller that
+        is about to act on the decision. True when it is in the database."""
+        entry = AuditEntry.from_decision(device_id, device_kind, decision, now, request_id)
+        return await self.commit(entry) is not None
+
+    # --- lifecycle --------------------------------------------------------------------
+
     async def __aenter__(self) -> Self:
         self._closed = False
         self._stop.clear()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
+        if self._spill_dir is not None:
+            await asyncio.to_thread(self._replay_leftovers)
         await self._tasks.start()
         self._writer = self._tasks.spawn("audit-writer", self._run)
         return self
@@ -333,35 +626,94 @@ class AuditLog:
         finally:
             self._closed = True
             await self._tasks.stop()
-        if self._pending:
-            raise AuditError(f"{len(self._pending)} audit entries could not be written")
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+            if self._inflight is None:
+                self._drop_own()
+        unwritten = len(self._pending)
+        if unwritten and self._spill is not None:
+            await self._spill_items(list(self._pending))
+            if all(item.spilled for item in self._pending):
+                log.error("audit: %d entries could not be written; they are in %s and the "
+                          "next start writes them", unwritten, self._spill.path)
+                self._spill.close(remove_if_empty=False)
+                return
+        if self._spill is not None:
+            self._spill.close()
+        if unwritten:
+            raise AuditError(f"{unwritten} audit entries could not be written")
 
     async def flush(self) -> None:
         """Write everything recorded so far; raises when the database refuses."""
         while self._pending:
             await self._write_batch()
 
+    # --- the writer -------------------------------------------------------------------
+
     async def _run(self) -> None:
-        failures = 0
+        self._failures = 0
         while not (self._stop.is_set() and not self._pending):
-            if failures:
-                # Backing off: only shutdown cuts the wait short, not a filling queue.
-                delay = min(self._retry_max_s, self.flush_interval_s * 2**failures)
+            if self._failures:
+                # Backing off: only shutdown cuts the wait short, not a filling queue; a
+                # waiting commit() has fallen back to memory meanwhile.
+                delay = min(self._retry_max_s, self.flush_interval_s * 2**self._failures)
                 await _wait(self._stop if not self._stop.is_set() else None, delay)
             elif not self._stop.is_set():
                 await _wait(self._wake, self.flush_interval_s)
                 self._wake.clear()
             try:
                 await self.flush()
-                failures = 0
+                self._failures = 0
+                spill_done = (self._spill is not None and self._spill.size > 0
+                              and not self._pending)
+                due = time.monotonic() - self._synced_at >= self.wal_sync_interval_s
+                if self._unsynced and (due or spill_done) and (
+                        self._syncing is None or self._syncing.done()):
+                    self._synced_at = time.monotonic()
+                    # Beside the writer, not in its way: the next batch need not wait.
+                    self._syncing = asyncio.ensure_future(asyncio.to_thread(self._sync_logged))
+                if spill_done and self._syncing is not None:
+                    await self._syncing  # what the spill file holds is on disk for good
+                if spill_done and self._spill is not None:
+                    async with self._spilling:  # no append may interleave
+                        if not self._pending:
+                            self._spill.clear()
             except Exception:
-                failures += 1
+                self._failures += 1
                 self.write_errors += 1
                 log.exception("audit: write failed, %d entries pending", len(self._pending))
-                if self._stop.is_set() and failures >= self._shutdown_attempts:
+                await self._spill_items(list(self._pending))
+                if self._stop.is_set() and self._failures >= self._shutdown_attempts:
                     log.error("audit: giving up at shutdown with %d entries unwritten",
                               len(self._pending))
                     return
+        with contextlib.suppress(Exception):
+            if self._syncing is not None:
+                await self._syncing
+            if self._unsynced:
+                await asyncio.to_thread(self._sync_wal)
+
+    async def _spill_items(self, items: list[_Item]) -> None:
+        """fsync what is not on disk yet; never raises (a full disk is logged)."""
+        if self._spill is None:
+            return
+        # One spill at a time: an item another spill is writing counts as spilled only once
+        # its fsync is done, and nothing is written twice.
+        async with self._spilling:
+            todo = [i for i in items if not i.spilled]
+            if not todo:
+                return
+            spill = self._spill
+            try:
+                await asyncio.to_thread(spill.append,
+                                        [(i.entry.to_json(), i.claim) for i in todo])
+            except OSError:
+                log.exception("audit: could not spill %d entries to %s", len(todo), spill.path)
+                return
+            for item in todo:
+                item.spilled = True
+            self.spilled += len(todo)
 
     async def _write_batch(self) -> None:
         async with self._lock:
@@ -371,23 +723,202 @@ class AuditLog:
             if count == 0:
                 return
             batch = list(itertools.islice(self._pending, count))
-            write = asyncio.ensure_future(asyncio.to_thread(self._append, batch))
+            if self._inline and self._write_inline(batch):
+                return
+            assert self._executor is not None
+            write = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._append, batch, self._skip_written, self.lock_wait_s)
             self._inflight = write
             # Registered first, so it settles the queue before any awaiter resumes.
-            write.add_done_callback(functools.partial(self._settle, count))
+            write.add_done_callback(lambda done: self._settle(batch, done))
             await asyncio.shield(write)
 
-    def _settle(self, count: int, write: asyncio.Future[None]) -> None:
+    def _write_inline(self, batch: list[_Item]) -> bool:
+        """On SQLite, try the write right here on the event loop, not waiting at all for a
+        lock: uncontended it takes a few hundred microseconds without an fsync, less than
+        handing it to the writer thread and back. False when the database is busy (another
+        writer holds the lock): then the writer thread waits for it, boundedly."""
+        try:
+            results = self._append(batch, self._skip_written, 0.0)
+        except OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                self._inline = False  # something else is wrong: the thread path reports it
+            return False
+        except Exception as exc:
+            future: asyncio.Future[list[Committed]] = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+            self._settle(batch, future)
+            raise
+        self.inline_writes += 1
+        self._settle_ok(batch, results)
+        return True
+
+    def _settle(self, batch: list[_Item], write: asyncio.Future[list[Committed]]) -> None:
         self._inflight = None
         if write.cancelled() or write.exception() is not None:
+            error = write.exception() if not write.cancelled() else None
+            if isinstance(error, IntegrityError):
+                # A commit whose outcome we never heard may have gone through: the retry
+                # leaves out what is there already.
+                self._skip_written = True
+            for item in batch:
+                if item.waiter is not None and not item.waiter.done():
+                    item.waiter.set_exception(error or asyncio.CancelledError())
+                    item.waiter.exception()  # retrieved: the caller may have given up
             return
-        for _ in range(count):
-            self._pending.popleft()
-        self.written += count
+        self._inline = self._inline_possible  # the store works: try the fast path again
+        self._settle_ok(batch, write.result())
 
-    def _append(self, batch: list[AuditEntry]) -> None:
-        with self._engine.begin() as conn:
-            append_entries(conn, batch)
+    def _settle_ok(self, batch: list[_Item], results: list[Committed]) -> None:
+        self._skip_written = False
+        for item, committed in zip(batch, results, strict=True):
+            self._pending.popleft()
+            item.result = committed
+            if item.waiter is not None and not item.waiter.done():
+                item.waiter.set_result(committed)
+            elif (item.claim is not None and item.waiter is not None
+                  and committed.outcome not in (None, ClaimOutcome.FRESH)):
+                log.error("audit: a decision sent from memory on %s turned out %s once "
+                          "recorded", item.entry.device_id, committed.outcome)
+        self.written += len(batch)
+
+    @contextlib.contextmanager
+    def _connection(self, lock_wait_s: float) -> Iterator[Connection]:
+        """The writer's own connection, kept open (a checkout from the pool, its ping on
+        PostgreSQL and the settings around it cost more than the write), waiting at most
+        `lock_wait_s` for another writer's lock: a locked database must turn into a fast
+        fallback, not a gate that stays shut for 30 s.
+
+        On SQLite it commits without an fsync unless `fsync_each_commit`
+        (`synchronous=NORMAL`, no checkpoints on this path; see `_sync_wal`): it is not the
+        pool's, so payments never inherit that. On PostgreSQL every commit is flushed (the
+        server default). Dropped after any error but a busy SQLite database, and opened
+        again on the next write.
+        """
+        if self._own is None:
+            conn = self._engine.connect()
+            if self._sqlite_file:
+                raw = conn.connection.driver_connection
+                assert raw is not None
+                if not self.fsync_each_commit:
+                    raw.execute("PRAGMA synchronous = NORMAL")
+                    raw.execute("PRAGMA wal_autocheckpoint = 0")
+            elif conn.dialect.name == "postgresql":
+                # Commits stay synchronous: on PostgreSQL the WAL flush adds a fraction of a
+                # millisecond to the round trips the write needs anyway.
+                ms = int(self.lock_wait_s * 1000)
+                conn.execute(_PG_SESSION, {"lock": f"{ms}ms", "stmt": f"{max(ms * 8, 2000)}ms"})
+                conn.commit()
+            self._own, self._own_wait = conn, -1.0
+        conn = self._own
+        if self._sqlite_file and self._own_wait != lock_wait_s:
+            raw = conn.connection.driver_connection
+            assert raw is not None
+            raw.execute(f"PRAGMA busy_timeout = {int(lock_wait_s * 1000)}")
+            self._own_wait = lock_wait_s
+        try:
+            yield conn
+        except OperationalError as exc:
+            if not self._sqlite_file or ("locked" not in str(exc) and "busy" not in str(exc)):
+                self._drop_own()
+            raise
+        except Exception:
+            self._drop_own()
+            raise
+
+    def _drop_own(self) -> None:
+        own, self._own = self._own, None
+        if own is not None:
+            with contextlib.suppress(Exception):
+                own.invalidate()
+                own.close()
+
+    def _append(self, batch: list[_Item], skip_written: bool,
+                lock_wait_s: float) -> list[Committed]:
+        try:
+            return self._append_once(batch, skip_written, lock_wait_s)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            # The kept connection had died (a database restart, an idle timeout): once more
+            # on a fresh one before the decisions fall back to memory.
+            return self._append_once(batch, skip_written, lock_wait_s)
+
+    def _append_once(self, batch: list[_Item], skip_written: bool,
+                     lock_wait_s: float) -> list[Committed]:
+        with self._connection(lock_wait_s) as conn, conn.begin():
+            now = self._clock()
+            results = []
+            for item in batch:
+                entry, outcome = item.entry, None
+                if item.claim is not None:
+                    decided = item.decided
+                    outcome = spent.claim(conn, item.claim, now, self.instance_id,
+                                          decided=decided)
+                    if not decided and outcome is not ClaimOutcome.FRESH:
+                        entry = entry.refused(_REFUSAL[outcome])
+                results.append(Committed(entry, outcome))
+            append_entries(conn, [r.entry for r in results], skip_written=skip_written)
+        self._unsynced = True
+        return results
+
+    def _sync_logged(self) -> None:
+        try:
+            self._sync_wal()
+        except Exception:
+            self._unsynced = True  # tried again at the next interval
+            log.warning("audit: could not sync the WAL", exc_info=True)
+
+    def _sync_wal(self) -> None:
+        """Make what was committed without an fsync durable against a power cut too.
+
+        A commit at SQLite `synchronous=NORMAL` is atomic and, once it returns, in the
+        kernel's hands: a kill -9 of the gateway loses nothing of it. Only a power cut or an
+        OS crash before the WAL reaches the disk could; this fsyncs the WAL at most
+        `wal_sync_interval_s` after such a commit, on its own thread so the writer never
+        waits for it. Any payment's commit, which fsyncs, makes everything before it durable
+        at once. When the WAL has grown past WAL_CHECKPOINT_BYTES it is checkpointed here
+        (PASSIVE: writers go on meanwhile) instead of on a decision's commit.
+        """
+        self._unsynced = False
+        url = self._engine.url
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return
+        wal = f"{url.database}-wal"
+        try:
+            size = os.path.getsize(wal)
+        except FileNotFoundError:
+            return  # checkpointed and closed: in the database file already
+        if size > WAL_CHECKPOINT_BYTES:
+            with self._engine.connect() as conn:
+                raw = conn.connection.driver_connection
+                assert raw is not None
+                raw.execute("PRAGMA wal_checkpoint(PASSIVE)")  # fsyncs the WAL first
+            return
+        fd = os.open(wal, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- a crashed instance's spill ----------------------------------------------------
+
+    def _replay_leftovers(self) -> None:
+        with leftovers(self._spill_dir, self.instance_id) as found:
+            for leftover in found:
+                entries = []
+                with self._engine.begin() as conn:
+                    for spilled in leftover.items:
+                        entry = AuditEntry.from_json(spilled.entry)
+                        if spilled.claim is not None:
+                            spent.claim(conn, spilled.claim, entry.ts, entry.gw_instance,
+                                        decided=True)
+                        entries.append(entry)
+                    append_entries(conn, entries, skip_written=True)
+                leftover.done()
+                self.replayed += len(entries)
+                log.warning("audit: wrote %d entries left in %s by a gateway that stopped "
+                            "without writing them", len(entries), leftover.path.name)
 
 
 async def _wait(event: asyncio.Event | None, timeout_s: float) -> None:

@@ -1,7 +1,14 @@
 """The access service: the pure decision wired to the store, the replay guard and the clock.
 
-`decide` is synchronous and touches only memory, so a reader's answer never waits for a
-disk or a lock. The index catches up off the event loop whenever `directory_changes` moves
+`decide` is synchronous and touches only memory. `admit` is what a reader's request goes
+through: the same decision, then its audit entry and the token it spends written in one
+transaction (gateway.access.audit.AuditLog.commit, group-committed) before it returns, so
+a token opens once across every reader, gateway process and restart, and a visitor pass's
+`max_uses` holds (gateway.access.spent). When the database does not take the write in time
+the decision made from memory stands (the in-memory replay guard still refuses replays at
+this gateway) and the write is spilled to disk and caught up later.
+
+The index catches up off the event loop whenever `directory_changes` moves
 (polled every 0.3 s), reloading only what changed, so a revocation written by any process
 on the same database is in force within about half a second at 20,000 residents
 (docs/bench-access.md); an API write in this process calls `refresh_now()` and the very
@@ -26,6 +33,8 @@ from sqlalchemy import Engine
 from device_drivers import tokens
 from device_drivers.supervision import ComponentTasks, Supervisor
 from device_drivers.vocabulary import CREDENTIAL_TYPES, Credential, Reason
+from gateway.access import spent
+from gateway.access.audit import AuditEntry, AuditLog
 from gateway.access.decision import (
     AccessDecision,
     Reader,
@@ -35,6 +44,7 @@ from gateway.access.decision import (
     without_token,
 )
 from gateway.access.index import DirectoryIndex, build_index, empty_index
+from gateway.access.spent import ClaimOutcome, TokenClaim
 from gateway.store.db import read_engine
 from gateway.store.directory import (
     ALL_PARTS,
@@ -53,6 +63,7 @@ if TYPE_CHECKING:
     from gateway.config import SiteConfig
 
 log = logging.getLogger(__name__)
+PRUNE_EVERY_S = 3600.0  # spent tokens past any use are deleted this often
 
 
 class IssuedToken(NamedTuple):
@@ -78,8 +89,10 @@ class AccessService:
         poll_interval_s: float = 0.3,
         buildings: Sequence[tuple[Building, Sequence[Floor]]] = (),
         supervisor: Supervisor | None = None,
+        journal: AuditLog | None = None,
     ) -> None:
         self._engine = engine
+        self.journal = journal
         self._read = read_engine(engine)
         self._readers = {r.device_id: r for r in readers}
         self._tz = ZoneInfo(timezone) if isinstance(timezone, str) else timezone
@@ -96,7 +109,8 @@ class AccessService:
 
     @classmethod
     def from_config(cls, engine: Engine, config: SiteConfig,
-                    supervisor: Supervisor | None = None) -> AccessService:
+                    supervisor: Supervisor | None = None,
+                    journal: AuditLog | None = None) -> AccessService:
         """Readers are the gate, elevator and canteen devices; buildings mirror into the store."""
         readers = [
             Reader(d.device_id, d.kind, d.building, gate_ids=frozenset(d.gate_ids),
@@ -108,7 +122,7 @@ class AccessService:
             for b in config.buildings
         ]
         return cls(engine, readers, timezone=config.site.timezone, buildings=buildings,
-                   supervisor=supervisor)
+                   supervisor=supervisor, journal=journal)
 
     async def __aenter__(self) -> Self:
         if self._buildings:
@@ -139,21 +153,74 @@ class AccessService:
 
     def decide(self, device_id: str, credential_type: str, value: str,
                now: float | None = None) -> AccessDecision:
-        now = time.time() if now is None else now
+        """The decision from memory alone (the replay guard of this process, use counts as
+        far as it knows); `admit` makes it durable and site-wide."""
+        decision, _ = self._decide(device_id, credential_type, value,
+                                   time.time() if now is None else now, None)
+        return decision
+
+    def _decide(self, device_id: str, credential_type: str, value: str, now: float,
+                use_ref: str | None, payment: bool = False,
+                ) -> tuple[AccessDecision, TokenClaim | None]:
         reader = self._readers.get(device_id)
         if reader is None:
             known = isinstance(credential_type, str) and credential_type in CREDENTIAL_TYPES
             return AccessDecision(False, "none", None, Reason.MALFORMED_REQUEST, 0, None, None,
-                                  str(credential_type) if known else "invalid")
+                                  str(credential_type) if known else "invalid"), None
         decision = decide(self._index, reader, Credential(credential_type, value), now,
                           self._pass_uses)
-        if decision.consume is not None:
-            if not self._guard.use(decision.consume, now):
-                return replayed(decision)
+        claim = None
+        token = decision.consume
+        if token is not None:
+            if not self._guard.use(token, now):
+                return replayed(decision), None
             decision = without_token(decision)
+            if use_ref is not None:
+                pass_id = decision.visitor_pass_id if decision.granted else None
+                claim = TokenClaim(token.spent_key, token.issued_at, device_id, use_ref,
+                                   pass_id=pass_id, same_ref_is_ours=payment)
         if decision.granted and decision.visitor_pass_id is not None:
-            self._count_pass_use(decision.visitor_pass_id)
-        return decision
+            self._count_pass_use(decision.visitor_pass_id, durable=claim is not None)
+        return decision, claim
+
+    async def admit(self, device_id: str, credential_type: str, value: str,
+                    now: float | None = None, *, request_id: str | None = None,
+                    payment_ref: str | None = None) -> AccessDecision | None:
+        """Decide, record the decision and the token it spends, and only then return it.
+
+        `request_id` is the reader's (it goes to the audit log); `payment_ref`
+        ("terminal/txn_id") marks a canteen resolution, which a retry of the same payment
+        may repeat. None: another gateway on the same broker is answering this very request
+        (send nothing). Without a journal this is `decide`.
+        """
+        now = time.time() if now is None else now
+        reader = self._readers.get(device_id)
+        use_ref = payment_ref if payment_ref is not None else f"{device_id}/{request_id}"
+        decision, claim = self._decide(device_id, credential_type, value, now,
+                                       use_ref if self.journal is not None else None,
+                                       payment=payment_ref is not None)
+        if self.journal is None:
+            return decision
+        kind = reader.kind if reader is not None else "unknown"
+        entry = AuditEntry.from_decision(device_id, kind, decision, now, request_id)
+        committed = await self.journal.commit(entry, claim)
+        if committed is None or committed.outcome in (None, ClaimOutcome.FRESH):
+            return decision  # recorded as decided, or the store is away: memory decides
+        if (committed.outcome is not ClaimOutcome.EXHAUSTED and decision.granted
+                and decision.visitor_pass_id in self._pass_uses):
+            self._pass_uses[decision.visitor_pass_id] -= 1  # counted above, did not happen
+        if committed.outcome is ClaimOutcome.PEER:
+            return None
+        if committed.outcome is ClaimOutcome.EXHAUSTED and decision.visitor_pass_id:
+            visit = self._index.visitor_passes.get(decision.visitor_pass_id)
+            if visit is not None:
+                self._pass_uses[visit.pass_id] = max(visit.max_uses,
+                                                     self._pass_uses.get(visit.pass_id, 0))
+            return AccessDecision(False, "none", None, Reason.NOT_PERMITTED, 0,
+                                  decision.resident_id, decision.credential_ref,
+                                  decision.credential_type,
+                                  visitor_pass_id=decision.visitor_pass_id)
+        return replayed(decision)
 
     def check_remote(self, resident_id: str, device_id: str,
                      now: float | None = None) -> AccessDecision:
@@ -165,10 +232,13 @@ class AccessService:
         return decide_for_resident(self._index, reader, resident_id,
                                    time.time() if now is None else now)
 
-    def _count_pass_use(self, pass_id: str) -> None:
+    def _count_pass_use(self, pass_id: str, durable: bool) -> None:
+        """Count in memory (so this process refuses the pass once it is used up without
+        asking the store); without a durable claim, also save the count later."""
         visit = self._index.visitor_passes[pass_id]
         self._pass_uses[pass_id] = max(visit.uses, self._pass_uses.get(pass_id, 0)) + 1
-        self._unsaved_uses.add(pass_id)
+        if not durable:
+            self._unsaved_uses.add(pass_id)
 
     # --- tokens for the app and visitors --------------------------------------------------
 
@@ -276,11 +346,21 @@ class AccessService:
         with self._engine.begin() as conn:
             record_visitor_pass_uses(conn, uses)
 
+    def _prune_spent(self) -> None:
+        with self._engine.begin() as conn:
+            gone = spent.prune(conn, time.time())
+        if gone:
+            log.info("forgot %d spent tokens no path can accept any more", gone)
+
     async def _watch(self) -> None:
         delay = self._poll_s
+        next_prune = time.monotonic() + 60.0
         while True:
             await asyncio.sleep(delay)
             try:
+                if self.journal is not None and time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_EVERY_S
+                    await asyncio.to_thread(self._prune_spent)
                 await self._save_pass_uses()
                 if await asyncio.to_thread(self._version) != self._index.version:
                     await self.refresh_now()

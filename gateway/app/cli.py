@@ -98,7 +98,11 @@ def run(
 
     _setup_logging(verbose)
     try:
-        gateway = Gateway(load_config(config_path))
+        config = load_config(config_path)
+        problems = file_problems(config, config_path)  # rule files, spool: fail now, not later
+        if problems:
+            raise ConfigError(str(config_path), problems)
+        gateway = Gateway(config)
     except ConfigError as exc:
         err.print(f"cannot start: {exc.source}: {len(exc.problems)} problem(s)", style="red",
                   markup=False, highlight=False)
@@ -147,10 +151,14 @@ def _mount_subcommands() -> None:
     from gateway.app.cli_audit import app as audit_app
     from gateway.app.cli_canteen import app as canteen_app
     from gateway.app.cli_import import app as import_app
+    from gateway.app.cli_mqtt import register as register_mqtt_config
+    from gateway.app.cli_rules import app as rules_app
 
     app.add_typer(canteen_app, name="canteen")
     app.add_typer(audit_app, name="audit")
     app.add_typer(import_app, name="import")
+    register_mqtt_config(app)  # `scgw mqtt-config`
+    app.add_typer(rules_app, name="rules")
     for plugin in entry_points(group="scgw.cli"):
         try:
             register = plugin.load()

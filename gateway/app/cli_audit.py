@@ -1,7 +1,9 @@
 """`scgw audit ...`: checks on the hash-chained access audit log.
 
-`verify` exits 0 when the chain is intact, 1 when it is broken (naming the first bad row),
-2 when it cannot check (no site file or database, no audit table). Print the head it
+`verify` exits 0 when the chain is intact and no decision is missing, 1 when it is broken
+(naming the first bad row) or when a gateway's sequence numbers have gaps (decisions that
+were numbered but never reached the log, e.g. lost in a crash), 2 when it cannot check (no
+site file or database, no audit table). Print the head it
 reports somewhere safe: passing it back as `--anchor ID:HASH` later also catches deleted
 newest rows and a recomputed chain.
 
@@ -95,6 +97,12 @@ def verify_command(
         raise typer.Exit(2) from None
     finally:
         engine.dispose()
+    if not result.ok and result.gaps:
+        typer.echo(f"audit chain intact ({result.rows} rows) but decisions are MISSING:",
+                   err=True)
+        for gap in result.gaps:
+            typer.echo(f"  {gap}", err=True)
+        raise typer.Exit(1)
     if not result.ok:
         typer.echo(
             f"audit chain BROKEN at row {result.first_bad_id}: {result.problem} "

@@ -6,9 +6,11 @@ Exit 2 means the report could not be made (no site file or database, no ledger t
 option).
 
 The database and the time zone the day is counted in come from the site file (`--config`,
-default ./site.yaml), the same ones the gateway uses; `--database-url` and `--tz` only
-override them. There is no built-in default: a settlement of the wrong database, or of a
-UTC day instead of the site's, would look plausible and be wrong.
+default ./site.yaml; `site.timezone`), the same ones the gateway uses; `--database-url` and
+`--tz` only override them. There is no built-in default: a settlement of the wrong database,
+or of a UTC day instead of the site's, would look plausible and be wrong. A settlement reads
+one snapshot of the ledger (REPEATABLE READ on PostgreSQL), so it never reports a false
+mismatch for a day still receiving postings.
 """
 
 from __future__ import annotations
@@ -148,8 +150,10 @@ def settle_command(
     database_url, zone, label = _site(config_path, database_url, tz)
     engine = _engine(database_url)
     try:
-        with _connect(engine) as conn, conn.begin():
-            # One read transaction: the rows and the cross-check see the same snapshot.
+        _connect(engine).close()  # the ledger tables are there
+        with reports.snapshot(engine) as conn:
+            # One snapshot (REPEATABLE READ on PostgreSQL): the rows and the cross-check see
+            # the same postings even while the day is still receiving them.
             rows = reports.settle(conn, when, zone)
             ledger_net = reports.revenue_on(conn, when, zone)
     except SQLAlchemyError as exc:

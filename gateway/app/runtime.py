@@ -46,8 +46,10 @@ from device_drivers.mqtt_protocol import (
 )
 from device_drivers.supervision import ComponentFailed, SupervisedTask, Supervisor
 from gateway.access.audit import AuditLog
+from gateway.access.presence import GatewayPresence, new_instance_id
 from gateway.access.service import AccessService
 from gateway.app.telemetry_process import TelemetryProcess
+from gateway.canteen.offline_windows import OfflineWindows
 from gateway.canteen.terminals import CanteenService
 from gateway.config import ConfigError, SiteConfig
 from gateway.devices.modbus import ModbusCommands, modbus_fleet
@@ -55,6 +57,7 @@ from gateway.devices.polled_readings import PolledReadings
 from gateway.devices.router import DeviceRouter
 from gateway.metrics import Registry
 from gateway.store import db
+from gateway.telemetry.alerts import AlertStore
 from gateway.telemetry.health import TelemetryHealth, health_topic
 from gateway.telemetry.latest_store import LatestCache
 from gateway.telemetry.series import SeriesQuery
@@ -96,6 +99,8 @@ class Gateway:
     async def _publish(self, topic: str, payload: bytes) -> None:
         if self.link is None:
             raise aiomqtt.MqttError("the gateway's MQTT link is not up yet")
+        if self.router is not None:  # so its echo is not taken for someone else's message
+            self.router.note_outgoing(topic, payload)
         await self.link.publish(topic, payload)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -115,12 +120,20 @@ class Gateway:
     ) -> None:
         cfg = self.config
         devices = {d.device_id: d for d in cfg.devices}
+        # Issue 11: decisions are recorded (audit row + spent token) before they are sent;
+        # the audit log comes first so it outlives everything that records into it.
+        instance = new_instance_id()
+        audit = await stack.enter_async_context(AuditLog(
+            engine, supervisor=supervisor, instance_id=instance,
+            spill_dir=cfg.spool_directory / "audit-spill"))
         access = await stack.enter_async_context(
-            AccessService.from_config(engine, cfg, supervisor=supervisor))
-        audit = await stack.enter_async_context(AuditLog(engine, supervisor=supervisor))
+            AccessService.from_config(engine, cfg, supervisor=supervisor, journal=audit))
         observer = _AuditObserver(audit)
+        windows = await stack.enter_async_context(
+            OfflineWindows(engine, instance_id=instance, supervisor=supervisor))
         payments = await stack.enter_async_context(
-            CanteenService(engine, cfg, access, self._publish, observer.record, self.metrics)
+            CanteenService(engine, cfg, access, self._publish, observer.record, self.metrics,
+                           windows=windows)
         )
         for outcome in ("approved", "refused", "shortfall", "retry", "malformed"):
             self.metrics.counter_func(
@@ -131,7 +144,7 @@ class Gateway:
         latest = await stack.enter_async_context(
             LatestCache(engine, set(devices), supervisor=supervisor))
         polled = await stack.enter_async_context(
-            PolledReadings(cfg.mqtt.root, self._publish, supervisor=supervisor))
+            PolledReadings(cfg.mqtt.root, cfg.site.id, self._publish, supervisor=supervisor))
         modbus = await stack.enter_async_context(modbus_fleet(cfg, polled.enqueue, supervisor))
         commands = await stack.enter_async_context(
             ModbusCommands(cfg.mqtt.root, modbus, self._publish)
@@ -143,8 +156,8 @@ class Gateway:
             publish=self._publish,
             metrics=self.metrics,
             payments=payments,
-            observer=observer,
             commands=commands,
+            status_observer=windows,
         )
         stack.push_async_callback(self.router.close)
         client_id = cfg.mqtt.client_id or f"scgw-{cfg.site.id}-{secrets.token_hex(3)}"
@@ -159,18 +172,25 @@ class Gateway:
 
         self.link = await stack.enter_async_context(self._mqtt_link(
             f"{client_id}-ctl",
-            [*control_subscriptions(cfg.mqtt.root), *commands.subscriptions(), health],
+            [*control_subscriptions(cfg.mqtt.root), *commands.subscriptions(),
+             *router.watch_subscriptions(), health],
             on_control, supervisor,
             status_topic=gateway_status_topic(cfg.mqtt.root, cfg.site.id)))
         self._register_link_metrics()
+        link = self.link
+        await stack.enter_async_context(GatewayPresence(
+            engine, instance, link.connected.is_set, audit.reportable_seq,
+            supervisor=supervisor))
         worker = self.telemetry_worker = TelemetryProcess(cfg)
         supervisor.spawn("telemetry-worker", worker.run)
         stack.push_async_callback(worker.stop)
         await self._start_ble_readers(stack, supervisor)
         energy = SeriesQuery.from_config(engine, cfg)
         stack.callback(energy.dispose)
+        alerts = AlertStore(engine)
+        stack.callback(alerts.dispose)
         services = ApiServices(access=access, audit=audit, canteen=payments.ledger,
-                               modbus=modbus, latest=latest, energy=energy,
+                               modbus=modbus, latest=latest, energy=energy, alerts=alerts,
                                device_state=self.router.state)
         server = self._api_server(engine, services) if cfg.api.enabled else None
         serving: SupervisedTask | None = None

@@ -11,22 +11,33 @@ commit leaves nothing behind for the retry to collide with.
 Races that locks alone cannot order (two first attempts of one txn_id resolving to
 different purses, or one idempotency key reused for two accounts) end in a unique-key
 violation; the loser's transaction is retried and then finds the winner's row.
+
+A payment made with a QR/BLE token records the token in the site's durable spent-token
+record (gateway.access.spent) in the same transaction as the debit: a token spent at a
+gate, at another till or in another gateway process never pays, and one that paid never
+opens a gate afterwards. Offline sales are held to the offline limits across every batch of
+one offline window (gateway.canteen.offline_windows): what lies beyond them is not debited
+but recorded as a shortfall for staff, with whose meal it was.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, tzinfo
 from typing import TypeVar
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 
 from device_drivers.offline_sales import DEFAULT_LIMITS, OfflineExposure, OfflineLimits, OverLimit
 from device_drivers.vocabulary import Reason
+from gateway.access import spent
+from gateway.access.spent import ClaimOutcome, TokenClaim
 from gateway.canteen import policy, postings, reports
 from gateway.canteen.policy import (
     PaymentRequest,
@@ -80,6 +91,23 @@ class BatchPayment:
     resolution: policy.Resolution
     ts: float
     token_key: str | None = None  # when the credential was a QR/BLE token
+    # The offline window (start, end) the sale falls in: the limits apply to all the
+    # terminal's offline sales in it. None: only to this batch (tools and tests).
+    window: tuple[float, float] | None = None
+
+
+# Offline sales that do not count against the limits: the ones that were never accepted.
+_NOT_EXPOSED = (Reason.OFFLINE_LIMIT.value, Reason.OUTSIDE_OFFLINE_WINDOW.value,
+                Reason.MALFORMED_REQUEST.value)
+
+
+def token_ts(token_key: str) -> float:
+    """The start of the time step named in a spent-token key ("kind:cred:step:nonce")."""
+    parts = token_key.split(":")
+    try:
+        return float(int(parts[2]) * 30) if len(parts) == 4 else 0.0
+    except ValueError:
+        return 0.0
 
 
 class Ledger:
@@ -93,10 +121,13 @@ class Ledger:
         engine: Engine,
         limits: OfflineLimits = DEFAULT_LIMITS,
         clock: Callable[[], float] = time.time,
+        timezone: str | tzinfo = UTC,
     ) -> None:
         self.engine = engine
         self.limits = limits
         self._clock = clock
+        # The site's zone: the day a settlement or reconciliation counts when none is named.
+        self.timezone = ZoneInfo(timezone) if isinstance(timezone, str) else timezone
         with engine.begin() as conn:
             for account_id in SYSTEM_ACCOUNTS:
                 postings.insert_ignore(conn, canteen_accounts, {
@@ -203,13 +234,13 @@ class Ledger:
 
     def _decide_one(
         self, conn: Connection, req: PaymentRequest, purses: dict[str, int],
-        over_limit: OverLimit | None,
+        over_limit: OverLimit | None, believable: bool = True,
     ) -> PaymentResult:
         existing = postings.load_payment(conn, req.terminal_id, req.txn_id)
         now = self._clock()
         if existing is not None:
             if (req.offline and not existing.offline and existing.status is Status.REFUSED
-                    and existing.amount_cents == req.amount_cents):
+                    and existing.amount_cents == req.amount_cents and believable):
                 # Refused online, but the terminal timed out and served it offline: the
                 # answer stays the first one, the unpaid meal goes to reconciliation.
                 postings.insert_ignore(conn, canteen_shortfalls, {
@@ -224,16 +255,22 @@ class Ledger:
         account_id: str | None = None
         balance: int | None = None
         token_key = None if isinstance(req.resolution, Reason) else req.token_key
-        if token_key is not None and postings.token_used(conn, token_key):
+        if token_key is not None and (
+                postings.token_used(conn, token_key)
+                or not self._claim_token(conn, req, token_key, now)):
             # The token paid already (maybe online, before an offline upload brought it
-            # back under another txn_id): a single-use token never pays twice.
-            log.info("payment %s/%s refused: its token paid already", req.terminal_id,
+            # back under another txn_id), or opened a door: a single-use token is used once.
+            log.info("payment %s/%s refused: its token was used already", req.terminal_id,
                      req.txn_id)
             token_key = None
             outcome = policy.refused_credential(Reason.REPLAYED_TOKEN, req.amount_cents,
                                                req.offline)
         elif isinstance(req.resolution, Reason):
             outcome = policy.refused_credential(req.resolution, req.amount_cents, req.offline)
+        elif req.offline and over_limit is not None:
+            account_id = req.resolution
+            balance = purses.get(account_id, 0)
+            outcome = policy.over_offline_limit(req.amount_cents)
         else:
             account_id = req.resolution
             balance = purses.get(account_id, 0)
@@ -268,13 +305,24 @@ class Ledger:
                         req.terminal_id, req.txn_id, outcome.shortfall_cents, outcome.reason)
         return result
 
+    @staticmethod
+    def _claim_token(conn: Connection, req: PaymentRequest, token_key: str,
+                     now: float) -> bool:
+        """Spend the token for this payment; False when something else spent it."""
+        use = TokenClaim(token_key, token_ts(token_key), req.terminal_id,
+                         f"{req.terminal_id}/{req.txn_id}", same_ref_is_ours=True)
+        return spent.claim(conn, use, now) is ClaimOutcome.FRESH
+
     def apply_batch(
         self, terminal_id: str, batch_id: str, payments: Sequence[BatchPayment]
     ) -> list[PaymentResult]:
         """Apply an offline terminal's sales in order; one result per distinct txn_id.
 
-        Sales beyond the offline limits are applied all the same (they happened); the limit
-        they broke is recorded with any shortfall so the report shows where risk came from.
+        Sales beyond the offline limits are not debited: they are refused with
+        `offline_limit` and recorded as shortfalls with the purse they belong to, for staff
+        to review. The limits count every offline sale of the terminal in the same offline
+        window (`BatchPayment.window`), including earlier batches; a sale whose ts is not
+        believable (policy.offline_ts_problem) is refused as malformed, retry or not.
         """
         seen: set[str] = set()
         unique = []
@@ -282,19 +330,87 @@ class Ledger:
             if payment.txn_id not in seen:
                 seen.add(payment.txn_id)
                 unique.append(payment)
-        exposure = OfflineExposure()
-        flags: list[OverLimit | None] = []
-        requests = []
-        for payment in unique:
-            card_key = (f"refused:{payment.resolution}" if isinstance(payment.resolution, Reason)
-                        else payment.resolution)
-            flags.append(exposure.check(self.limits, card_key, payment.amount_cents))
-            exposure = exposure.add(card_key, payment.amount_cents)
-            requests.append(PaymentRequest(
+        now = self._clock()
+        results: list[PaymentResult | None] = [None] * len(unique)
+        todo: list[tuple[int, BatchPayment, PaymentRequest]] = []
+        for i, payment in enumerate(unique):
+            problem = (policy.validate_payment(terminal_id, payment.txn_id,
+                                               payment.amount_cents, payment.ts)
+                       or policy.validate_id(batch_id, "batch_id"))
+            if problem is None and payment.token_key is not None and len(payment.token_key) > 64:
+                problem = "token_key must be at most 64 characters"
+            if problem is not None:
+                log.info("offline payment %s/%s refused as malformed: %s", terminal_id,
+                         payment.txn_id, problem)
+                results[i] = PaymentResult(payment.txn_id, False, None,
+                                           Reason.MALFORMED_REQUEST)
+                continue
+            todo.append((i, payment, PaymentRequest(
                 terminal_id, payment.txn_id, payment.amount_cents, payment.resolution,
                 payment.ts, offline=True, batch_id=batch_id, token_key=payment.token_key,
-            ))
-        return self.pay_many(requests, flags)
+            )))
+
+        def work(conn: Connection) -> list[PaymentResult]:
+            self._lock_terminal(conn, terminal_id)
+            stored = postings.load_payments(conn, terminal_id, [r.txn_id for _, _, r in todo])
+            exposures: dict[tuple[float, float] | None, OfflineExposure] = {}
+            decided: list[PaymentResult] = []
+            purses = postings.lock_purses(conn, (
+                r.resolution for _, _, r in todo if not isinstance(r.resolution, Reason)))
+            for _, payment, req in todo:
+                problem = policy.offline_ts_problem(req.ts, now)
+                if req.txn_id in stored:
+                    # Decided before: the stored answer, and no new record from a sale
+                    # dated where no sale can be (it would poison the reports).
+                    decided.append(self._decide_one(conn, req, purses, None,
+                                                    believable=problem is None))
+                    continue
+                if problem is not None:
+                    log.info("offline payment %s/%s refused as malformed: %s", terminal_id,
+                             req.txn_id, problem)
+                    decided.append(PaymentResult(req.txn_id, False, None,
+                                                 Reason.MALFORMED_REQUEST))
+                    continue
+                window = payment.window
+                if window not in exposures:
+                    exposures[window] = (self._exposure(conn, terminal_id, window)
+                                         if window is not None else OfflineExposure())
+                card_key = (f"refused:{payment.resolution}"
+                            if isinstance(payment.resolution, Reason) else payment.resolution)
+                flag = exposures[window].check(self.limits, card_key, payment.amount_cents)
+                if flag is None:
+                    exposures[window] = exposures[window].add(card_key, payment.amount_cents)
+                decided.append(self._decide_one(conn, req, purses, flag))
+            return decided
+
+        if todo:
+            for (i, _, _), result in zip(todo, self._transaction(work), strict=True):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    @staticmethod
+    def _lock_terminal(conn: Connection, terminal_id: str) -> None:
+        """Two batches of one terminal (two gateways, a re-upload) count limits one at a
+        time. SQLite: BEGIN IMMEDIATE already made this the only writer."""
+        if conn.dialect.name == "postgresql":
+            key = zlib.crc32(f"scgw-offline:{terminal_id}".encode())
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+    @staticmethod
+    def _exposure(conn: Connection, terminal_id: str,
+                  window: tuple[float, float]) -> OfflineExposure:
+        """The terminal's offline sales already accepted in `window`, by purse."""
+        p = canteen_payments.c
+        exposure = OfflineExposure()
+        for account_id, txn_id, amount in conn.execute(
+            select(p.account_id, p.txn_id, p.amount_cents).where(
+                p.terminal_id == terminal_id, p.offline.is_(True),
+                p.request_ts >= window[0], p.request_ts <= window[1],
+                or_(p.reason.is_(None), p.reason.notin_(_NOT_EXPOSED)))
+        ).all():
+            exposure = exposure.add(account_id if account_id is not None else f"?{txn_id}",
+                                    int(amount))
+        return exposure
 
     # -- staff operations ---------------------------------------------------------------
 
@@ -390,13 +506,22 @@ class Ledger:
         with self.engine.connect() as conn:
             return reports.history(conn, account_id, limit)
 
-    def reconcile(self, day: date, tz: tzinfo = UTC) -> list[reports.ShortfallRow]:
+    def reconcile(self, day: date, tz: tzinfo | None = None) -> list[reports.ShortfallRow]:
+        """Uncovered offline sales posted on `day`, counted in `tz` (default: the site's)."""
         with self.engine.connect() as conn:
-            return reports.reconcile(conn, day, tz)
+            return reports.reconcile(conn, day, tz or self.timezone)
 
-    def settle(self, day: date, tz: tzinfo = UTC) -> list[reports.SettlementRow]:
-        with self.engine.connect() as conn:
-            return reports.settle(conn, day, tz)
+    def settle(self, day: date, tz: tzinfo | None = None) -> list[reports.SettlementRow]:
+        """The day's settlement (default zone: the site's), read from one snapshot."""
+        return self.settle_checked(day, tz)[0]
+
+    def settle_checked(self, day: date,
+                       tz: tzinfo | None = None) -> tuple[list[reports.SettlementRow], int]:
+        """The settlement and the revenue account's net movement that day, both from one
+        snapshot (REPEATABLE READ on PostgreSQL), so they agree even while postings land."""
+        zone = tz or self.timezone
+        with reports.snapshot(self.engine) as conn:
+            return reports.settle(conn, day, zone), reports.revenue_on(conn, day, zone)
 
     def audit(self) -> list[str]:
         with self.engine.connect() as conn:

@@ -12,9 +12,14 @@ resolved its credential but failed to commit (database down, a crash of the writ
 that first resolution, remembered here for a while, instead of spending the token again.
 
 Every payment made with a QR/BLE token carries the token's key (credential id, time step,
-nonce, kind; never the token) into the ledger, which stores it under a unique index: the
-in-memory replay guard forgets tokens after a few minutes, but an offline upload that brings
-an already spent token back under a new txn_id is still refused as `replayed_token`.
+nonce, kind; never the token) into the ledger, which spends it in the site's durable
+spent-token record in the same transaction as the debit: a token used at a gate, at another
+till, in another gateway process or before a restart is refused as `replayed_token`.
+
+An offline upload is believed only for sales inside a window in which the gateway saw the
+terminal offline (gateway.canteen.offline_windows); a sale outside every window is refused
+with `outside_offline_window` before its credential is even resolved, and recorded for staff.
+Each credential is resolved as of the sale's own time, so a token must have been valid then.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +46,9 @@ from device_drivers.tokens import parse_ble_hex, parse_qr
 from device_drivers.vocabulary import Credential, Reason
 from gateway.canteen import policy
 from gateway.canteen.ledger import BatchPayment, Ledger
+from gateway.canteen.offline_windows import Window, covering
+from gateway.canteen.policy import MAX_BATCH_AGE_S as MAX_BATCH_AGE_S
+from gateway.canteen.policy import MAX_BATCH_FUTURE_S as MAX_BATCH_FUTURE_S
 from gateway.canteen.policy import PaymentResult
 
 log = logging.getLogger(__name__)
@@ -50,19 +58,19 @@ RESULT_CHANNEL = "payment/result"
 BATCH_CHANNEL = "payment/batch"
 BATCH_RESULT_CHANNEL = "payment/batch_result"
 MAX_BATCH_PAYMENTS = 1000
-# An offline sale is refused as malformed when its ts lies further in the future than clock
-# skew explains, or further back than any outage a terminal's queue could have survived.
-MAX_BATCH_FUTURE_S = 60.0
-MAX_BATCH_AGE_S = 7 * 24 * 3600.0
 # How long, and for how many payments, a resolution is kept for a retry whose first
 # attempt did not reach the ledger.
 RESOLUTION_TTL_S = 600.0
 MAX_RESOLUTIONS = 10_000
 
-Resolver = Callable[[str, str, float], "str | Reason"]
-"""resolve(credential_type, value, now) -> the purse's account id, or a refusal reason.
+Resolver = Callable[[str, str, float, str], "str | Reason"]
+"""resolve(credential_type, value, at, use_ref) -> the purse's account id, or a refusal.
 
-A refusal may also be returned as the plain reason string ("revoked")."""
+`use_ref` is "terminal/txn_id": a retry of the same payment may resolve the same token
+again. A refusal may also be returned as the plain reason string ("revoked")."""
+
+WindowSource = Callable[[str, float], Sequence[Window]]
+"""windows(terminal_id, now) -> the offline windows a sale of that terminal must fall in."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +183,7 @@ def parse_payment_batch(payload: bytes) -> BatchMessage | Malformed:
 
 def batch_ts_problem(ts: float, now: float) -> str | None:
     """Why an offline sale's ts is not believable, or None."""
-    if ts > now + MAX_BATCH_FUTURE_S:
-        return f"ts lies more than {MAX_BATCH_FUTURE_S:.0f} s in the future"
-    if ts < now - MAX_BATCH_AGE_S:
-        return f"ts is older than {MAX_BATCH_AGE_S / 86400:.0f} days"
-    return None
+    return policy.offline_ts_problem(ts, now)
 
 
 def malformed_result(txn_id: str) -> PaymentResult:
@@ -277,11 +281,15 @@ class PaymentHandler:
     """
 
     def __init__(
-        self, ledger: Ledger, resolve: Resolver, clock: Callable[[], float] = time.time
+        self, ledger: Ledger, resolve: Resolver, clock: Callable[[], float] = time.time,
+        windows: WindowSource | None = None,
     ) -> None:
+        """`windows`: where offline sales of a terminal may lie; None believes any time
+        within the ts bounds (for tools and tests that have no terminals' status)."""
         self.ledger = ledger
         self._resolve = resolve
         self._clock = clock
+        self._windows = windows
         self._inflight = _KeyedLocks()
         self._resolutions = _Resolutions()
         self._lock = threading.Lock()
@@ -330,7 +338,8 @@ class PaymentHandler:
             now = self._clock()
             ts = now if message.ts is None else message.ts
             key = (terminal_id, message.txn_id)
-            resolution = self._resolution(key, message.credential, ts if offline else now, now)
+            resolution = self._resolution(key, message.credential, ts if offline else now,
+                                          now)
             result = self.ledger.pay(terminal_id, message.txn_id, message.amount_cents,
                                      resolution, ts, offline=offline,
                                      token_key=token_key(message.credential))
@@ -346,7 +355,8 @@ class PaymentHandler:
             log.info("payment %s/%s retried after a failed write; reusing its resolution",
                      *key)
             return remembered
-        resolution = policy.as_resolution(self._resolve(credential.type, credential.value, at))
+        resolution = policy.as_resolution(
+            self._resolve(credential.type, credential.value, at, "/".join(key)))
         self._resolutions.put(key, credential, resolution, now)
         return resolution
 
@@ -367,11 +377,14 @@ class PaymentHandler:
         stored = self.ledger.lookup_many(terminal_id, (p.txn_id for p in candidates))
         self._count("retry", len(stored))
         now = self._clock()
+        windows = (self._windows(terminal_id, now)
+                   if self._windows is not None and len(stored) < len(candidates) else None)
         items: list[PaymentMessage | Malformed] = []
         for item in batch.payments:
             if (isinstance(item, PaymentMessage) and item.ts is not None
                     and item.txn_id not in stored):
-                # A decided sale keeps its first answer; only new ones are checked.
+                # A decided sale keeps its first answer (the ledger bounds its ts too);
+                # only new ones are checked here, before any credential is spent.
                 problem = batch_ts_problem(item.ts, now)
                 if problem is not None:
                     items.append(Malformed(problem, item.txn_id))
@@ -386,13 +399,24 @@ class PaymentHandler:
             resolved.add(p.txn_id)
             ts = now if p.ts is None else p.ts
             previous = stored.get(p.txn_id)
+            window: Window | None = None
             if previous is not None:
                 # Decided already: the ledger answers from the stored row, never from this.
                 resolution: policy.Resolution = previous.account_id or Reason.NOT_PERMITTED
+            elif windows is not None and (window := covering(windows, ts)) is None:
+                # The gateway never saw this terminal offline then: not a believable offline
+                # sale. Refused without resolving (no token is spent), recorded for staff.
+                self._count("outside_window")
+                log.warning("offline sale %s/%s dated %.0f lies outside every offline window "
+                            "of the terminal", terminal_id, p.txn_id, ts)
+                to_apply.append(BatchPayment(p.txn_id, p.amount_cents,
+                                             Reason.OUTSIDE_OFFLINE_WINDOW, ts))
+                continue
             else:
                 resolution = self._resolution((terminal_id, p.txn_id), p.credential, ts, now)
-            to_apply.append(BatchPayment(p.txn_id, p.amount_cents, resolution, ts,
-                                         token_key(p.credential)))
+            to_apply.append(BatchPayment(
+                p.txn_id, p.amount_cents, resolution, ts, token_key(p.credential),
+                window=None if window is None else (window.start, window.end)))
         applied = {r.txn_id: r for r in self.ledger.apply_batch(terminal_id, batch.batch_id,
                                                                   to_apply)}
         self._resolutions.forget((terminal_id, txn_id) for txn_id in applied)

@@ -21,6 +21,11 @@ MAX_TOPUP_CENTS = 10_000_000
 TXN_ID_PATTERN = re.compile(r"^[\x21-\x7e]{1,64}$")  # printable ASCII, no spaces
 ACCOUNT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+# An offline sale is refused as malformed when its ts lies further in the future than clock
+# skew explains, or further back than any outage a terminal's queue could have survived.
+# Every path an offline item takes checks it (a new sale, a retry of one refused online).
+MAX_BATCH_FUTURE_S = 60.0
+MAX_BATCH_AGE_S = 7 * 24 * 3600.0
 
 
 class Status(StrEnum):
@@ -119,6 +124,17 @@ def validate_idempotency_key(key: str) -> str | None:
     return None
 
 
+def offline_ts_problem(ts: float, now: float) -> str | None:
+    """Why an offline sale's ts is not believable, or None."""
+    if not math.isfinite(ts):
+        return "ts must be a finite number of Unix seconds"
+    if ts > now + MAX_BATCH_FUTURE_S:
+        return f"ts lies more than {MAX_BATCH_FUTURE_S:.0f} s in the future"
+    if ts < now - MAX_BATCH_AGE_S:
+        return f"ts is older than {MAX_BATCH_AGE_S / 86400:.0f} days"
+    return None
+
+
 def decide(balance_cents: int, amount_cents: int, offline: bool) -> Outcome:
     """Debit when covered; online refuse otherwise; offline take what is there, note the rest.
 
@@ -136,6 +152,13 @@ def decide(balance_cents: int, amount_cents: int, offline: bool) -> Outcome:
 def refused_credential(reason: Reason, amount_cents: int, offline: bool) -> Outcome:
     """An unresolvable credential: online refused; offline the whole amount is a shortfall."""
     return Outcome(Status.REFUSED, reason, 0, amount_cents if offline else 0)
+
+
+def over_offline_limit(amount_cents: int) -> Outcome:
+    """An offline sale beyond the per-card or per-terminal limit: nothing is debited, the
+    whole amount goes to staff review as a shortfall (the terminal should not have sold it;
+    if it did, the meal was served and someone must look at it)."""
+    return Outcome(Status.REFUSED, Reason.OFFLINE_LIMIT, 0, amount_cents)
 
 
 def result_of(txn_id: str, outcome: Outcome, balance_cents: int | None) -> PaymentResult:

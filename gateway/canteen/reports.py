@@ -7,9 +7,10 @@ even when an offline terminal uploads yesterday's sales this morning.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 
@@ -62,6 +63,30 @@ class SettlementRow:
     @property
     def net_cents(self) -> int:
         return self.sales_cents - self.refunds_cents
+
+
+@contextlib.contextmanager
+def snapshot(engine: Engine) -> Iterator[Connection]:
+    """A read transaction whose queries all see one snapshot of the ledger.
+
+    PostgreSQL reads committed data per statement by default, so a settlement and its
+    cross-check would see different postings on a day still receiving them (a false
+    mismatch): REPEATABLE READ gives the whole transaction one snapshot. On SQLite every
+    transaction is one snapshot already (the gateway's engine begins IMMEDIATE).
+    """
+    with engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn
+
+
+def _iso(ts: float) -> str:
+    """A timestamp for a report; one outside the calendar (never believable) as a number."""
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return repr(ts)
 
 
 def day_bounds(day: date, tz: tzinfo = UTC) -> tuple[float, float]:
@@ -181,10 +206,10 @@ def reconcile_csv(rows: Sequence[ShortfallRow]) -> str:
     writer.writerow(RECONCILE_HEADER)
     for r in rows:
         writer.writerow((
-            datetime.fromtimestamp(r.posted_at, UTC).isoformat(timespec="seconds"),
+            _iso(r.posted_at),
             r.terminal_id, r.txn_id, r.account_id or "", r.amount_cents, r.covered_cents,
             r.shortfall_cents, r.reason, r.over_limit or "",
-            datetime.fromtimestamp(r.request_ts, UTC).isoformat(timespec="seconds"),
+            _iso(r.request_ts),
         ))
     return out.getvalue()
 

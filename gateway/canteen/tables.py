@@ -102,6 +102,9 @@ canteen_payments = Table(
     CheckConstraint("debited_cents + shortfall_cents <= amount_cents", name="covered"),
 )
 Index("ix_canteen_payments_posted_at", canteen_payments.c.posted_at)
+# A terminal's offline sales in one offline window: what the offline limits count.
+Index("ix_canteen_payments_terminal_ts", canteen_payments.c.terminal_id,
+      canteen_payments.c.request_ts)
 Index("ix_canteen_payments_token_key", canteen_payments.c.token_key, unique=True)
 
 canteen_shortfalls = Table(

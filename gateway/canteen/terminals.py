@@ -6,7 +6,10 @@ anyway, and a pool of them measured p99 10-81 ms against 2-5 ms for a single wri
 
 Credential resolution, however, hops back onto the event loop: the access service (and
 its site-wide replay guard) stays single-threaded, so a QR token presented at a canteen
-and a gate in the same instant can be used only once.
+and a gate in the same instant can be used only once. The resolution goes through
+`AccessService.admit`, so it is audited and its token durably spent before the ledger is
+asked; the ledger spends the token again under the same payment reference, which a retry of
+that payment may do and nothing else may.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from device_drivers.supervision import RequestTasks
 from device_drivers.vocabulary import Reason
 from gateway.access.service import AccessService
 from gateway.canteen.ledger import Ledger
+from gateway.canteen.offline_windows import OfflineWindows
 from gateway.canteen.payments import PaymentHandler
 from gateway.config import DeviceConfig, SiteConfig
 from gateway.metrics import Registry
@@ -50,8 +54,13 @@ class CanteenService:
         publish: Publish,
         observe: Observe | None = None,
         metrics: Registry | None = None,
+        windows: OfflineWindows | None = None,
     ) -> None:
+        """`observe` is called for a resolution that admit() did not audit (no journal);
+        `windows`: the terminals' offline windows (None: offline sales are believed at any
+        time within the ts bounds)."""
         self._engine = engine
+        self._windows = windows
         self._config = config
         self._access = access
         self._publish = publish
@@ -69,7 +78,8 @@ class CanteenService:
     async def __aenter__(self) -> CanteenService:
         self._loop = asyncio.get_running_loop()
         limits = OfflineLimits.from_config(self._config.canteen)
-        self.ledger = await self._in_worker(Ledger, self._engine, limits)
+        self.ledger = await self._in_worker(Ledger, self._engine, limits, time.time,
+                                            self._config.site.timezone)
         await self._in_worker(self.ledger.warm_up)
         return self
 
@@ -98,24 +108,31 @@ class CanteenService:
         handler = self._handlers.get(device.device_id)
         if handler is None:
             assert self.ledger is not None
-            handler = PaymentHandler(self.ledger, self._resolver(device))
+            windows = self._windows.windows if self._windows is not None else None
+            handler = PaymentHandler(self.ledger, self._resolver(device), windows=windows)
             self._handlers[device.device_id] = handler
         return handler
 
-    def _resolver(self, device: DeviceConfig) -> Callable[[str, str, float], str | Reason]:
+    def _resolver(self, device: DeviceConfig) -> Callable[[str, str, float, str],
+                                                          str | Reason]:
         loop = self._loop
         assert loop is not None
 
-        async def on_loop(credential_type: str, value: str, now: float) -> str | Reason:
-            decision = self._access.decide(device.device_id, credential_type, value, now)
-            if self._observe is not None:
+        async def on_loop(credential_type: str, value: str, now: float,
+                          use_ref: str) -> str | Reason:
+            decision = await self._access.admit(device.device_id, credential_type, value, now,
+                                                request_id=use_ref, payment_ref=use_ref)
+            if decision is None:  # cannot be: a payment's own reference is never a peer's
+                return Reason.REPLAYED_TOKEN
+            if self._observe is not None and self._access.journal is None:
                 self._observe(device, decision, time.time())
             if decision.granted and decision.account is not None:
                 return str(decision.account)
             return Reason(str(decision.reason or Reason.NOT_PERMITTED))
 
-        def resolve(credential_type: str, value: str, now: float) -> str | Reason:
-            future = asyncio.run_coroutine_threadsafe(on_loop(credential_type, value, now), loop)
+        def resolve(credential_type: str, value: str, now: float, use_ref: str) -> str | Reason:
+            future = asyncio.run_coroutine_threadsafe(
+                on_loop(credential_type, value, now, use_ref), loop)
             return future.result(RESOLVE_TIMEOUT_S)
 
         return resolve

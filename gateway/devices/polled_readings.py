@@ -1,10 +1,12 @@
-"""Readings of polled Modbus units, published as the units' own MQTT telemetry.
+"""Readings of polled Modbus units, published over MQTT for the telemetry worker.
 
-A Modbus unit cannot speak MQTT, so the gateway speaks for it on the contract topic
-`{root}/devices/{unit}/telemetry`. The telemetry worker then ingests MQTT devices and polled
-units through one path (seq, duplicates, spool, InfluxDB), and any other subscriber sees
-the unit as if it published itself. Readings wait in a bounded buffer while the broker is
-away; when it is full the oldest are dropped and counted rather than growing without end.
+A Modbus unit cannot speak MQTT, so the gateway speaks for it, on its own topic
+`{root}/gateway/{site}/polled/{unit}` (mqtt_protocol.polled_topic) with the payload of the
+contract's telemetry topic. The telemetry worker then ingests MQTT devices and polled units
+through one path (seq, duplicates, spool, InfluxDB), and refuses readings on a polled unit's
+`devices/{unit}/telemetry` topic: nobody but the poller may speak for it. Readings wait in a
+bounded buffer while the broker is away; when it is full the oldest are dropped and counted
+rather than growing without end.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ class PolledReadings:
     def __init__(
         self,
         root: str,
+        site_id: str,
         publish: Callable[[str, bytes], Awaitable[None]],
         *,
         max_buffered: int = 100_000,
         supervisor: Supervisor | None = None,
     ) -> None:
-        self._root = root
+        self._root, self._site = root, site_id
         self._publish = publish
         self._buffer: deque[Reading] = deque()
         self._max = max_buffered
@@ -64,7 +67,7 @@ class PolledReadings:
             await self._ready.wait()
             while self._buffer:
                 reading = self._buffer[0]
-                topic = proto.device_topic(self._root, reading.device_id, "telemetry")
+                topic = proto.polled_topic(self._root, self._site, reading.device_id)
                 try:
                     await self._publish(topic, proto.telemetry_payload(reading))
                 except Exception as exc:  # broker away: keep the reading, try again

@@ -1,18 +1,31 @@
 """Routes device messages from MQTT to the core and answers the device.
 
 This is the shell around the pure decisions: it parses (device_drivers.mqtt_protocol),
-asks the access service, publishes the answer, records the audit entry and counts what
-went wrong. Access decisions are decided inline (microseconds) and their answers published
-without waiting for the broker's acknowledgement, so the next request never waits on the
-previous one's round trip (publishes start in order, so per-device order holds); payments go
-to the ledger's worker so a slow disk never delays a gate.
+asks the access service, publishes the answer and counts what went wrong. An access request
+is decided in memory (microseconds, in message order), then `AccessService.admit` writes
+its audit entry and the token it spends (group-committed with whatever else is waiting,
+about a millisecond on SQLite) in a task of its own while the reader loop goes on, and only
+then is the answer published, without waiting for the broker's acknowledgement, so the next
+request never waits on the previous one's write or round trip. Payments
+go to the ledger's worker so a slow disk never delays a gate.
+
+It also refuses what a device of its kind never sends, counted in
+`scgw_mqtt_refused_total{kind, channel, reason}` (labels from fixed sets: the device kind,
+never its id): payments from anything but a canteen terminal, access requests from anything
+but a reader, anything on a Modbus-polled unit's own topics (it has no MQTT login, so that
+is someone speaking for it), and decisions, payment results and reader commands that the
+gateway did not publish itself (a forged `access/decision` cannot be stopped here, only by
+the broker's ACL, but it is no longer invisible). Canteen terminals' status messages feed
+their offline windows (gateway.canteen.offline_windows).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,7 +41,17 @@ Publish = Callable[[str, bytes], Awaitable[None]]
 
 
 class AccessDecider(Protocol):
-    def decide(self, device_id: str, credential_type: str, value: str, now: float) -> Any: ...
+    """gateway.access.service.AccessService: a decision recorded before it is returned;
+    None when another gateway is answering this very request."""
+
+    async def admit(self, device_id: str, credential_type: str, value: str, now: float, *,
+                    request_id: str | None = None) -> Any: ...
+
+
+class StatusObserver(Protocol):
+    """gateway.canteen.offline_windows.OfflineWindows: canteen terminals' status."""
+
+    def observe(self, device_id: str, online: bool, at: float | None = None) -> None: ...
 
 
 class PaymentSink(Protocol):
@@ -55,9 +78,28 @@ class DeviceState:
     last_seen: float | None = None
 
 
+# What a device of each kind may publish (beside telemetry, which the telemetry worker
+# takes). Modbus-polled units publish nothing themselves.
+_READER_CHANNELS = frozenset({"status", "event", "access/request"})
+_ALLOWED: dict[str, frozenset[str]] = {
+    "gate": _READER_CHANNELS,
+    "elevator": _READER_CHANNELS,
+    "canteen": _READER_CHANNELS | {"payment/request", "payment/batch"},
+}
+_UNIT_CHANNELS = frozenset({"status", "event"})
+# Channels only the gateway publishes on; the router watches them for forgeries.
+OUTBOUND_CHANNELS = ("access/decision", "payment/result", "payment/batch_result", "command")
+_ECHO_TTL_S = 60.0
+_ECHO_MAX = 100_000
+
+
 def register_metrics(metrics: Registry) -> None:
     metrics.counter("scgw_mqtt_messages_total", "Device messages received, by channel.")
     metrics.counter("scgw_mqtt_errors_total", "Device messages refused, by channel and error.")
+    metrics.counter("scgw_mqtt_refused_total",
+                    "Messages a device of that kind never sends, refused: by device kind, "
+                    "channel and reason (wrong_kind, polled_unit, not_from_gateway).",
+                    labels=("kind", "channel", "reason"))
     metrics.counter("scgw_access_decisions_total", "Access decisions, by reader kind and result.")
     metrics.histogram("scgw_access_decision_seconds",
                       "Time from an access request's arrival to its answer being sent.")
@@ -77,7 +119,10 @@ class DeviceRouter:
         observer: DecisionObserver | None = None,
         commands: CommandSink | None = None,
         clock: Callable[[], float] = time.time,
+        status_observer: StatusObserver | None = None,
     ) -> None:
+        """`observer` audits decisions; leave it out when `access.admit` records them
+        itself (a journal is attached), or each decision is logged twice."""
         self._root = root
         self.devices = devices
         self._access = access
@@ -87,14 +132,73 @@ class DeviceRouter:
         self._observer = observer
         self._commands = commands
         self._clock = clock
+        self._status_observer = status_observer
         self.state: dict[str, DeviceState] = {d: DeviceState() for d in devices}
         self._outbox = RequestTasks("device answers", limit=50_000)
+        # A decision waits for its record to be written (about a millisecond); meanwhile the
+        # MQTT reader goes on, so concurrent decisions share one transaction. Their in-memory
+        # part runs in message order (tasks start in the order they are created).
+        self._deciding = RequestTasks("access decisions", limit=50_000)
+        self._sent: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._prefix = f"{root}/devices/"
         register_metrics(metrics)
 
     def _error(self, channel: str, error: str) -> None:
         self._metrics.inc("scgw_mqtt_errors_total", channel=channel, error=error)
 
+    def _refuse(self, device: DeviceConfig, channel: str, reason: str) -> None:
+        self._metrics.inc("scgw_mqtt_refused_total", kind=device.kind, channel=channel,
+                          reason=reason)
+        log.warning("refused %s from %s (%s): %s", channel, device.device_id, device.kind,
+                    reason)
+
+    # --- what the gateway itself publishes -------------------------------------------------
+
+    def watch_subscriptions(self) -> list[str]:
+        """Topics only the gateway publishes on, to subscribe so that anyone else's messages
+        there are seen and counted. Modbus units' `command` topics are not here: the
+        runtime subscribes those for the commands it carries out (broker ACLs decide who may
+        publish them); readers' commands are."""
+        topics = [f"{self._prefix}+/{channel}" for channel in OUTBOUND_CHANNELS
+                  if channel != "command"]
+        topics += [proto.device_topic(self._root, d.device_id, "command")
+                   for d in self.devices.values() if not d.is_modbus]
+        return topics
+
+    def note_outgoing(self, topic: str, payload: bytes) -> None:
+        """Remember a message the gateway is about to publish, so its echo is not taken
+        for a forgery. Every publish of the gateway process goes through here."""
+        now = time.monotonic()
+        self._sent[(topic, hashlib.blake2b(payload, digest_size=8).digest())] = now
+        while self._sent:
+            key, at = next(iter(self._sent.items()))
+            if at > now - _ECHO_TTL_S and len(self._sent) <= _ECHO_MAX:
+                break
+            del self._sent[key]
+
+    def _watched(self, topic: str, payload: bytes) -> bool:
+        """True when `topic` is on an outbound channel (and has been dealt with here)."""
+        if not topic.startswith(self._prefix):
+            return False
+        device_id, _, channel = topic[len(self._prefix):].partition("/")
+        if channel not in OUTBOUND_CHANNELS:
+            return False
+        device = self.devices.get(device_id)
+        if channel == "command" and device is not None and device.is_modbus:
+            return False  # a command for a unit the gateway drives: handled below
+        key = (topic, hashlib.blake2b(payload, digest_size=8).digest())
+        if self._sent.pop(key, None) is not None:
+            return True  # our own message coming back
+        kind = device.kind if device is not None else "unknown"
+        self._metrics.inc("scgw_mqtt_refused_total", kind=kind, channel=channel,
+                          reason="not_from_gateway")
+        log.warning("a %s for %s that the gateway did not send was published", channel,
+                    device_id[:64])
+        return True
+
     async def on_message(self, topic: str, payload: bytes) -> None:
+        if self._watched(topic, payload):
+            return
         parsed = proto.parse_topic(self._root, topic)
         if parsed is None:
             if not topic.endswith("/status"):
@@ -107,6 +211,8 @@ class DeviceRouter:
             if device is None:
                 await self._unknown_device(parsed, payload)
                 return
+            if channel != "command" and not await self._allowed(device, channel, payload):
+                return
             if channel != "command":  # our own commands are not signs of life
                 self.state[device.device_id].last_seen = self._clock()
             state = self.state[device.device_id]
@@ -115,7 +221,7 @@ class DeviceRouter:
             elif channel in ("payment/request", "payment/batch"):
                 await self._payment(device, channel, payload)
             elif channel == "status":
-                self._status(state, payload)
+                self._status(device, state, payload)
             elif channel == "event":
                 self._event(device, payload)
             elif channel == "command" and device.is_modbus and self._commands is not None:
@@ -124,6 +230,25 @@ class DeviceRouter:
             # A bug in one handler must not take the connection (and every gate) down.
             log.exception("error handling %s from %s", channel, parsed.device_id)
             self._error(channel, "internal")
+
+    async def _allowed(self, device: DeviceConfig, channel: str, payload: bytes) -> bool:
+        """Whether a device of this kind ever sends on `channel`; refused and counted if not.
+        A request that can be answered still gets its `malformed_request`."""
+        if device.is_modbus:
+            reason = None if channel in ("telemetry",) else "polled_unit"
+        else:
+            allowed = _ALLOWED.get(device.kind, _UNIT_CHANNELS)
+            reason = None if channel in allowed or channel == "telemetry" else "wrong_kind"
+        if reason is None:
+            return True
+        self._refuse(device, channel, reason)
+        if channel in ("payment/request", "payment/batch"):
+            self._error(channel, "not_a_canteen_terminal")
+        if channel == "payment/request":
+            await self._refuse_payment(device.device_id, payload)
+        elif channel == "access/request":
+            await self._refuse_access(device.device_id, payload)
+        return False
 
     async def _unknown_device(self, parsed: proto.Topic, payload: bytes) -> None:
         self._error(parsed.channel, "unknown_device")
@@ -168,7 +293,9 @@ class DeviceRouter:
                 )
             return
         cred = request.credential
-        await self._decide_and_answer(device, request.request_id, cred.type, cred.value, now)
+        if not self._deciding.start(self._decide_and_answer(
+                device, request.request_id, cred.type, cred.value, now)):
+            self._error("access/request", "overloaded")
 
     async def on_ble_token(self, device_id: str, credential_type: str, token_hex: str) -> None:
         """A phone's BLE token seen at a reader: decide and tell the reader, unasked."""
@@ -183,7 +310,13 @@ class DeviceRouter:
     ) -> None:
         reply_topic = proto.device_topic(self._root, device.device_id, "access/decision")
         started = time.perf_counter()
-        decision = self._access.decide(device.device_id, ctype, value, now)
+        # Recorded (audit row, spent token, visitor-pass use) before anything is sent.
+        decision = await self._access.admit(device.device_id, ctype, value, now,
+                                            request_id=request_id)
+        if decision is None:  # another gateway on this broker answers this very request
+            self._metrics.inc("scgw_access_decisions_total", kind=device.kind,
+                              result="answered_by_peer")
+            return
         if self._observer is not None:  # audited even if the answer cannot be delivered
             self._observer.record(device, decision, now, request_id)
         floors = list(decision.floors) if decision.floors is not None else None
@@ -216,7 +349,9 @@ class DeviceRouter:
             log.warning("could not publish to %s: %s", topic, exc)
 
     async def close(self) -> None:
-        """Let answers already decided reach the broker before the link goes."""
+        """Let decisions under way and answers already decided reach the broker before the
+        link goes."""
+        await self._deciding.close(grace_s=2.0)
         await self._outbox.close(grace_s=1.0)
 
     async def _payment(self, device: DeviceConfig, channel: str, payload: bytes) -> None:
@@ -227,12 +362,14 @@ class DeviceRouter:
             return
         await self._payments.handle(device, channel, payload)
 
-    def _status(self, state: DeviceState, payload: bytes) -> None:
+    def _status(self, device: DeviceConfig, state: DeviceState, payload: bytes) -> None:
         data = proto.load_object(payload)
         if isinstance(data, proto.Malformed) or not isinstance(data.get("online"), bool):
             self._error("status", "malformed")
             return
         state.online = data["online"]
+        if device.kind == "canteen" and self._status_observer is not None:
+            self._status_observer.observe(device.device_id, data["online"], self._clock())
 
     def _event(self, device: DeviceConfig, payload: bytes) -> None:
         data = proto.load_object(payload)

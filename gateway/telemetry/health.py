@@ -58,6 +58,8 @@ class TelemetryHealth:
             lag = float(sink.get("lag_s") or 0.0)
             if state == "auth_failed":
                 problems.append(f"{name}: authentication refused (401/403), {lag:.0f} s behind")
+            elif state == "error":
+                problems.append(f"{name}: {sink.get('last_error') or 'failing'}")
             elif lag > BEHIND_AFTER_S or state == "retrying":
                 error = sink.get("last_error") or ""
                 problems.append(f"{name}: behind by {lag:.0f} s ({state}) {error}".rstrip())
@@ -85,6 +87,12 @@ class TelemetryHealth:
                                                 "Devices whose telemetry seq restarted."),
             "scgw_spool_dropped_total": (("spool", "dropped"),
                                          "Spooled readings dropped because the spool was full."),
+            "scgw_alerts_fired_total": (("sinks", "rules", "fired"),
+                                        "Alerts the rules engine fired."),
+            "scgw_alerts_resolved_total": (("sinks", "rules", "resolved"),
+                                           "Alerts the rules engine resolved."),
+            "scgw_device_events_evaluated_total": (("ingest", "events"),
+                                                   "Device events taken in for the rules."),
         }
         for name, (path, help_text) in counters.items():
             metrics.counter_func(name, help_text, lambda p=path: self._number(*p))  # type: ignore[misc]

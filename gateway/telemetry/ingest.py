@@ -11,16 +11,20 @@ What is refused, and what each `refused[reason]` counts (a message, a reading or
   a reading or its `metrics` not an object.
 - `unknown_device` (message): the topic's device is not in the site's registry.
 - `too_many_metrics` (reading): more than `MAX_METRICS`; bounds the line and the rollups.
-- `bad_timestamp` (reading): `ts` before 2000 or more than a day ahead of the receive time.
-  A device whose clock jumped to 2100 must not shadow every later point of its series or
-  keep a rollup minute open forever.
+- `bad_timestamp` (reading): `ts` before 2000 or more than `MAX_AHEAD_S` (5 minutes) ahead
+  of the receive time. A device whose clock jumped ahead must not shadow every later point
+  of its series (the latest values never move back in time), nor keep a rollup minute open.
 - `bad_seq` (reading): `seq` negative or beyond int64 (InfluxDB's integer field).
 - `wrong_type` (a value; the reading for `ts`/`seq`): a string, null, list or object where
   a number belongs.
 - `not_finite` (value): NaN, +-Infinity, or an integer too large for a float.
+- `implausible` (value): a standard metric outside its physical range
+  (`vocabulary.PLAUSIBLE_RANGES`: negative energy, 10^12 W, 140 % humidity).
 - `bad_metric_name` (value): a name not matching `[a-z][a-z0-9_]{0,63}`, or `seq`/`time`
   (the InfluxDB schema's own columns).
 - `no_metrics` (reading): a reading with an empty `metrics` object.
+- `polled_unit` (message, counted by the worker): a reading on the device topic of a
+  Modbus-polled unit, which only the gateway's poller may speak for.
 
 A reading keeps its good values when some are refused (a failed temperature probe does not
 hide the unit's power); its seq counts as seen either way, so a refused value is never also
@@ -50,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from device_drivers.mqtt_protocol import MAX_PAYLOAD_BYTES
-from device_drivers.vocabulary import Reading
+from device_drivers.vocabulary import PLAUSIBLE_RANGES, DeviceEvent, Reading
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +68,16 @@ RESERVED_NAMES: Final = frozenset({"seq", "time"})
 """Taken by the line protocol (the seq field, InfluxDB's time column)."""
 MAX_SEQ: Final = 2**63 - 1
 MIN_TS: Final = 946_684_800.0  # 2000-01-01T00:00:00Z
-MAX_AHEAD_S: Final = 86_400.0
+MAX_AHEAD_S: Final = 300.0
+"""Clock skew tolerated ahead of the gateway: NTP-less devices drift by seconds a day."""
+MAX_EVENT_TYPE_LEN: Final = 64
 MAX_REPORTED: Final = 4096
 """Distinct (device, reason) pairs remembered for log-once; unknown ids are unbounded."""
 
 REASONS: Final = ("oversize", "malformed", "unknown_device", "too_many_metrics",
-                  "bad_timestamp", "bad_seq", "wrong_type", "not_finite", "bad_metric_name",
-                  "no_metrics")
+                  "bad_timestamp", "bad_seq", "wrong_type", "not_finite", "implausible",
+                  "bad_metric_name", "no_metrics")
+"""Reasons `message` gives; the worker adds `polled_unit` for a topic refused unread."""
 
 Report = Callable[[str, str, str], None]
 """(device id, reason, detail) for the first refusal of each pair."""
@@ -102,6 +109,7 @@ class Ingest:
         self._seq: dict[str, _SeqState] = {}
         self._names: set[str] = set()  # metric names already seen valid (skip the regex)
         self.messages = 0
+        self.events = 0
         self.accepted = 0
         self.duplicates = 0
         self.gaps = 0
@@ -114,7 +122,7 @@ class Ingest:
         return self._kinds
 
     def counters(self) -> dict[str, Any]:
-        return {"messages": self.messages, "accepted": self.accepted,
+        return {"messages": self.messages, "events": self.events, "accepted": self.accepted,
                 "duplicates": self.duplicates, "gaps": self.gaps, "missing": self.missing,
                 "seq_resets": self.seq_resets, "refused": dict(self.refused)}
 
@@ -123,6 +131,11 @@ class Ingest:
         that the broker redelivering an unacknowledged reading is a duplicate, not new."""
         if device_id in self._kinds:
             self._seq[device_id] = _SeqState(seq, ts)
+
+    def refuse(self, device_id: str, reason: str, detail: str) -> None:
+        """A message refused before parsing (e.g. on a topic its device may not use)."""
+        self.messages += 1
+        self._refuse(device_id, reason, detail)
 
     def _refuse(self, device_id: str, reason: str, detail: str, count: int = 1) -> None:
         self.refused[reason] += count
@@ -164,6 +177,37 @@ class Ingest:
                 out.append(reading)
         return out
 
+    def event(self, device_id: str, payload: bytes, now: float) -> DeviceEvent | None:
+        """A device event (`{root}/devices/{id}/event`, CONTRACT.md section 1) for the rules
+        engine, or None (refused and counted like a reading: the same reasons)."""
+        self.events += 1
+        kind = self._kinds.get(device_id)
+        if kind is None:
+            self._refuse(device_id, "unknown_device", "not in the site's device registry")
+            return None
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            self._refuse(device_id, "oversize", f"{len(payload)} bytes event")
+            return None
+        try:
+            data = _parse(payload)
+        except (ValueError, RecursionError) as exc:
+            self._refuse(device_id, "malformed", f"event not UTF-8 JSON: {str(exc)[:120]}")
+            return None
+        event_type = data.get("type") if isinstance(data, dict) else None
+        if not isinstance(event_type, str) or not 0 < len(event_type) <= MAX_EVENT_TYPE_LEN:
+            self._refuse(device_id, "malformed",
+                         f"an event is an object with a `type` string of 1..{MAX_EVENT_TYPE_LEN}")
+            return None
+        ts = data.get("ts", now)
+        if type(ts) is not float and type(ts) is not int:
+            self._refuse(device_id, "wrong_type", "event ts must be a number (Unix seconds)")
+            return None
+        if not MIN_TS <= ts <= now + MAX_AHEAD_S:
+            self._refuse(device_id, "bad_timestamp",
+                         f"event ts {ts!r} is before 2000 or more than {MAX_AHEAD_S:.0f} s ahead")
+            return None
+        return DeviceEvent(device_id, kind, round(ts * 1000) / 1000, event_type)
+
     def _reading(self, device_id: str, kind: str, raw: Any, now: float) -> Reading | None:
         if not isinstance(raw, dict) or not isinstance(metrics_in := raw.get("metrics"), dict):
             self._refuse(device_id, "malformed", "a reading is an object with a `metrics` object")
@@ -180,7 +224,7 @@ class Ingest:
             return None
         elif not MIN_TS <= ts <= now + MAX_AHEAD_S:  # NaN fails this too
             self._refuse(device_id, "bad_timestamp",
-                         f"ts {ts!r} is before 2000 or more than a day ahead")
+                         f"ts {ts!r} is before 2000 or more than {MAX_AHEAD_S:.0f} s ahead")
             return None
         ts = round(ts * 1000) / 1000  # the schema's precision, see the module docstring
         seq = raw.get("seq")
@@ -218,15 +262,22 @@ class Ingest:
                 if value - value != 0.0:  # NaN or an infinity; cheaper than math.isfinite
                     self._refuse(device_id, "not_finite", f"{name} = {value!r}")
                     continue
-                metrics[name] = value
             elif kind is int or kind is bool:
                 try:
-                    metrics[name] = float(value)
+                    value = float(value)
                 except OverflowError:
                     self._refuse(device_id, "not_finite", f"{name}: integer beyond float range")
+                    continue
             else:
                 self._refuse(device_id, "wrong_type",
                              f"{name} is a {_json_type(value)}, not a number")
+                continue
+            bounds = PLAUSIBLE_RANGES.get(name)
+            if bounds is not None and not bounds[0] <= value <= bounds[1]:
+                self._refuse(device_id, "implausible",
+                             f"{name} = {value!r} outside {bounds[0]:g}..{bounds[1]:g}")
+                continue
+            metrics[name] = value
         return metrics
 
     def _new_seq(self, device_id: str, seq: int, ts: float) -> bool:

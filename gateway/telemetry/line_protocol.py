@@ -2,6 +2,8 @@
 
 - `telemetry,device_id=..,kind=..,site=.. <metric>=<float>,...,seq=<int>i <ms>`
 - `alerts,device_id=..,rule_id=..,severity=..,site=.. state="..",value=<float>,message=".." <ms>`
+- `device_events,device_id=..,kind=..,site=.. type=".." <ms>` (an extension of the contract:
+  door forced, tamper, ... in the same log as the readings, in order, for the rules engine)
 
 Timestamps are milliseconds (`PRECISION`): readings carry float seconds, VictoriaMetrics keeps
 milliseconds, and with one precision everywhere both backends hold the same points. A replayed
@@ -30,6 +32,7 @@ from device_drivers.vocabulary import Reading
 PRECISION = "ms"
 TELEMETRY = "telemetry"
 ALERTS = "alerts"
+DEVICE_EVENTS = "device_events"
 RESERVED_FIELDS = frozenset({"seq", "time", ""})
 
 _KEY_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "/", "\n": r"\ ",
@@ -124,6 +127,14 @@ def alert_line(alert: Mapping[str, Any], site: str) -> str | None:
     if not fields:
         return None
     return f"{ALERTS}{_tags(tags)} {','.join(fields)} {timestamp(float(ts))}"
+
+
+def event_line(device_id: str, kind: str, event_type: str, ts: float, site: str) -> str | None:
+    """One `device_events` point; None for a time that cannot be written."""
+    if not math.isfinite(ts):
+        return None
+    tags = {"device_id": device_id, "kind": kind, "site": site}
+    return f'{DEVICE_EVENTS}{_tags(tags)} type="{escape_string(event_type)}" {timestamp(ts)}'
 
 
 def _split_unescaped(text: str, separator: str, limit: int = -1, quotes: bool = True

@@ -15,8 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from device_drivers.vocabulary import Reading
-from gateway.telemetry.line_protocol import ALERTS, TELEMETRY, alert_line, parse_line, reading_line
+from device_drivers.vocabulary import DeviceEvent, Reading
+from gateway.telemetry.line_protocol import (
+    ALERTS,
+    DEVICE_EVENTS,
+    TELEMETRY,
+    alert_line,
+    event_line,
+    parse_line,
+    reading_line,
+)
 
 AlertEvent = Mapping[str, Any]
 """An alert transition as on the MQTT `alerts` topic (CONTRACT.md section 1)."""
@@ -53,9 +61,15 @@ def encode_alert(alert: AlertEvent, site: str) -> bytes | None:
     return None if line is None else line.encode()
 
 
-def decode_record(record: bytes) -> Reading | dict[str, Any]:
-    """A `telemetry` record as a Reading (ts to the millisecond), an `alerts` one as a dict
-    shaped like the MQTT alert object (plus `site`); RecordError for anything else."""
+def encode_event(event: DeviceEvent, site: str) -> bytes | None:
+    line = event_line(event.device_id, event.kind, event.type, event.ts, site)
+    return None if line is None else line.encode()
+
+
+def decode_record(record: bytes) -> Reading | DeviceEvent | dict[str, Any]:
+    """A `telemetry` record as a Reading (ts to the millisecond), a `device_events` one as a
+    DeviceEvent, an `alerts` one as a dict shaped like the MQTT alert object (plus `site`);
+    RecordError for anything else."""
     try:
         measurement, tags, fields, ts_ms = parse_line(record.decode())
     except (UnicodeDecodeError, ValueError) as exc:
@@ -67,6 +81,9 @@ def decode_record(record: bytes) -> Reading | dict[str, Any]:
         metrics = {k: float(v) for k, v in fields.items() if isinstance(v, int | float)}
         return Reading(tags["device_id"], tags["kind"], ts_ms / 1000, metrics,
                        seq if isinstance(seq, int) and not isinstance(seq, bool) else None)
+    if measurement == DEVICE_EVENTS and isinstance(fields.get("type"), str):
+        return DeviceEvent(tags.get("device_id", ""), tags.get("kind", ""), ts_ms / 1000,
+                           str(fields["type"]))
     if measurement == ALERTS:
         return {**tags, **fields, "ts": ts_ms / 1000}
     raise RecordError(f"record of unknown measurement {measurement!r}")

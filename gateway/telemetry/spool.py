@@ -296,9 +296,14 @@ class Spool:
 
     # ---- consuming ------------------------------------------------------------------------
 
-    def _locate(self, name: str, flush: bool = True) -> tuple[Path, Position, int] | None:
-        """Under the lock: (segment path, position, readable bytes there) or None if drained."""
-        pos = self._cursors[name]
+    def _locate(self, name: str, flush: bool = True,
+                start: Position | None = None) -> tuple[Path, Position, int] | None:
+        """Under the lock: (segment path, position, readable bytes there) or None if drained.
+
+        `start` (at or after the cursor) reads from there instead of the cursor.
+        """
+        cursor = self._cursors[name]
+        pos = cursor if start is None or start.offset < cursor.offset else start
         if flush and pos.offset >= self._tail.offset and self._buf:
             self._write_out()  # a waiting reader should not wait for the timer
         while pos.offset < self._tail.offset:
@@ -314,22 +319,28 @@ class Spool:
             if index + 1 >= len(self._segments):
                 return None
             pos = self._segments[index + 1].start
-            self._cursors[name] = pos
+            if pos.offset > cursor.offset and start is None:
+                self._cursors[name] = pos
         return None
 
-    def read(self, name: str, max_records: int = 5000, max_bytes: int = 4 << 20) -> Batch:
-        """Up to `max_records` records after `name`'s cursor; empty when drained.
+    def read(self, name: str, max_records: int = 5000, max_bytes: int = 4 << 20,
+             start: Position | None = None) -> Batch:
+        """Up to `max_records` records after `name`'s cursor (or after `start`, when given and
+        not behind the cursor); empty when drained.
 
         Reading does not move the cursor: call `ack(name, batch.end)` after the sink took the
-        batch. A batch never spans two segment files.
+        batch. A sink that commits less often than it reads (the rules engine, which saves its
+        state every few seconds) reads ahead with `start` and acks what it has committed, so
+        a restart replays the rest. A batch never spans two segment files.
         """
         while True:
             with self._lock:
                 if self._closed:
                     raise SpoolClosedError("spool is closed")
-                found = self._locate(name)
+                found = self._locate(name, start=start)
                 if found is None:
-                    pos = self._cursors[name]
+                    cursor = self._cursors[name]
+                    pos = cursor if start is None or start.offset < cursor.offset else start
                     return Batch([], pos, pos)
                 path, pos, readable = found
                 seg_offset = pos.offset - int(path.name[:20])
@@ -376,11 +387,13 @@ class Spool:
         with self._lock:
             return self._cursors[name]
 
-    def wait(self, name: str, timeout: float) -> bool:
-        """Block until `name` has unread records (True) or `timeout` passes (False)."""
+    def wait(self, name: str, timeout: float, start: Position | None = None) -> bool:
+        """Block until `name` has unread records (after `start`, when given) (True) or
+        `timeout` passes (False)."""
         with self._data:
             return self._data.wait_for(
-                lambda: self._closed or self._cursors[name].offset
+                lambda: self._closed or max(self._cursors[name].offset,
+                                            start.offset if start is not None else 0)
                 < self._tail.offset + len(self._buf), timeout)
 
     # ---- observing ------------------------------------------------------------------------

@@ -26,6 +26,8 @@ the worker restarts wait at the broker.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -34,24 +36,32 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr, ValidationError
+from sqlalchemy import Engine
 
+from device_drivers.mqtt_protocol import alert_topic, polled_subscription, polled_topic
 from device_drivers.vocabulary import Reading
 from gateway.config import SiteConfig
 from gateway.store.db import make_engine
+from gateway.telemetry.alerts import AlertStore
 from gateway.telemetry.health import health_topic
 from gateway.telemetry.ingest import Ingest
-from gateway.telemetry.records import encode_reading
+from gateway.telemetry.records import encode_event, encode_reading
 from gateway.telemetry.rollups import RollupStore
+from gateway.telemetry.rules_site import load_rule_set, rules_digest, site_context
 from gateway.telemetry.spool import Spool
 from gateway.telemetry.worker_local import LocalStoreConsumer
 from gateway.telemetry.worker_mqtt import IngestClient, session_properties
+from gateway.telemetry.worker_rules import RulesConsumer
 from gateway.telemetry.worker_seed import seed_from_spool
 from gateway.telemetry.writers import InfluxWriter, build_writer
+from rules.engine import Engine as RulesEngine
+from rules.loader import RuleFileError
+from rules.model import Transition
 
 log = logging.getLogger("gateway.telemetry.worker")  # also when run as __main__
 
@@ -63,8 +73,16 @@ STOP_JOIN_S = 5.0  # the main process kills the worker 10 s after SIGTERM
 
 
 def client_id(config: SiteConfig) -> str:
-    """Stable across restarts: the broker keeps the session (and queued readings) by it."""
-    return f"scgw-{config.site.id}-telemetry"
+    """Stable across restarts: the broker keeps the session (and queued readings) by it.
+
+    With a broker login, a suffix derived from the password makes the id unguessable: any
+    logged-in device could otherwise connect with this id, take the session over and let
+    the ACL drop the readings queued in it (MQTT has no per-user client ids)."""
+    password = _secret(config.mqtt.password)
+    if not password:
+        return f"scgw-{config.site.id}-telemetry"
+    suffix = hmac.new(password.encode(), b"scgw-telemetry-session", hashlib.sha256)
+    return f"scgw-{config.site.id}-telemetry-{suffix.hexdigest()[:12]}"
 
 
 def _secret(value: SecretStr | None) -> str | None:
@@ -84,9 +102,12 @@ class SpoolIngestor:
     def __init__(self, ingest: Ingest, spool: Spool, *, root: str, site: str,
                  memo: dict[bytes, Reading] | None = None, memo_max: int = MEMO_MAX,
                  clock: Callable[[], float] = time.time,
-                 buildings: Mapping[str, str | None] | None = None) -> None:
+                 buildings: Mapping[str, str | None] | None = None,
+                 polled: Collection[str] = ()) -> None:
         self.ingest, self.spool, self.site, self.clock = ingest, spool, site, clock
         self._buildings = dict(buildings or {})  # the optional `building` tag per device
+        self._polled = frozenset(polled)  # Modbus units: readings only from the poller
+        self._polled_prefix = polled_topic(root, site, "").encode()
         self.memo, self.memo_max = memo, memo_max
         self._prefix, self._suffix = f"{root}/devices/".encode(), b"/telemetry"
         self._known = set(ingest.kinds)
@@ -105,7 +126,21 @@ class SpoolIngestor:
         return device
 
     def message(self, topic: bytes, payload: bytes) -> None:
-        readings = self.ingest.message(self._device(topic), payload, self.clock())
+        if topic.endswith(b"/event"):  # rare: door forced, tamper (for the rules engine)
+            self._event(topic, payload)
+            return
+        if topic.startswith(self._polled_prefix):
+            device = topic[len(self._polled_prefix):].decode(errors="replace")
+            if device not in self._polled:
+                self.ingest.refuse(device, "unknown_device", "not a Modbus unit of this site")
+                return
+        else:
+            device = self._device(topic)
+            if device in self._polled:
+                self.ingest.refuse(device, "polled_unit", "readings of a Modbus-polled unit "
+                                   "come from the gateway's poller; its device topic is refused")
+                return
+        readings = self.ingest.message(device, payload, self.clock())
         memo = self.memo
         for reading in readings:
             record = encode_reading(reading, self.site,
@@ -116,6 +151,13 @@ class SpoolIngestor:
             self._pending.append(record)
             if memo is not None and len(memo) < self.memo_max:
                 memo[record] = reading
+
+    def _event(self, topic: bytes, payload: bytes) -> None:
+        raw = topic.removeprefix(self._prefix).removesuffix(b"/event")
+        event = self.ingest.event(raw.decode(errors="replace"), payload, self.clock())
+        record = None if event is None else encode_event(event, self.site)
+        if record is not None:
+            self._pending.append(record)
 
     def flush(self) -> None:
         if self._pending:
@@ -141,6 +183,7 @@ class TelemetryWorker:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._rate = (time.monotonic(), 0)
+        self.rules: RulesConsumer | None = None
 
     # ---- threads ------------------------------------------------------------------------
 
@@ -182,7 +225,9 @@ class TelemetryWorker:
         client.will_set(self.topic, json.dumps({"online": False, "site": self.site,
                                                 "reason": "connection lost"}),
                         qos=1, retain=True)
-        subscription = f"{self.root}/devices/+/telemetry"
+        subscriptions = [(f"{self.root}/devices/+/telemetry", 1),
+                         (f"{self.root}/devices/+/event", 1),
+                         (polled_subscription(self.root, self.site), 1)]
 
         def on_connect(c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
             if reason.is_failure:
@@ -191,13 +236,13 @@ class TelemetryWorker:
             self.connects += 1
             log.info("telemetry worker connected to %s (session %s)", mqtt_cfg.url,
                      "resumed" if flags.session_present else "new: nothing was queued")
-            c.subscribe(subscription, qos=1)
+            c.subscribe(subscriptions)
 
         def on_subscribe(_c: Any, _u: Any, _mid: Any, reasons: Any, _p: Any) -> None:
             self.subscribed = not any(r.is_failure for r in reasons)
             if not self.subscribed:
                 log.error("MQTT broker refused the subscription to %s: %s (check its ACL)",
-                          subscription, [str(r) for r in reasons])
+                          [t for t, _ in subscriptions], [str(r) for r in reasons])
 
         def on_disconnect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             self.subscribed = False
@@ -240,6 +285,14 @@ class TelemetryWorker:
             "state": local.state, "lag_s": stats.consumers["local"].oldest_age_s or 0.0,
             "written": local.written, "retries": local.retries,
             "quarantined": local.quarantined, "last_error": local.last_error}}
+        if self.rules is not None:
+            rules = self.rules
+            sinks["rules"] = {
+                "state": rules.state, "lag_s": rules.lag_s, "written": rules.processed,
+                "retries": rules.retries, "quarantined": rules.quarantined,
+                "last_error": rules.last_error, "fired": rules.fired,
+                "engine_errors": rules.engine_errors,
+                "resolved": rules.resolved}
         if writer is not None:
             sinks["influxdb"] = {
                 "state": str(writer.state),
@@ -267,7 +320,8 @@ class TelemetryWorker:
     def run(self, stop: threading.Event) -> int:
         telemetry = self.config.telemetry
         directory = Path(self.config.spool_directory)
-        consumers = ["local"] + (["influxdb"] if self.config.influxdb is not None else [])
+        consumers = ["local", "rules"] + (["influxdb"] if self.config.influxdb is not None
+                                          else [])
         try:
             spool = Spool(directory, consumers, max_bytes=telemetry.spool_max_bytes,
                           fsync_interval_s=telemetry.fsync_interval_s)
@@ -284,15 +338,25 @@ class TelemetryWorker:
         memo: dict[bytes, Reading] = {}
         local = LocalStoreConsumer(spool, RollupStore(engine, telemetry.local_retention_days),
                                    memo=memo, backoff_max_s=self.retry_max_s)
-        previous_hook, threading.excepthook = threading.excepthook, self._excepthook
         client: IngestClient | None = None
         try:
+            rules = self._rules_consumer(spool, engine, lambda: client)
+        except BaseException:
+            spool.close()
+            engine.dispose()
+            raise
+        self.rules = rules
+        previous_hook, threading.excepthook = threading.excepthook, self._excepthook
+        try:
             self._start("telemetry-local", local.run)
+            self._start("telemetry-rules", rules.run)
             if writer is not None:
                 self._start("telemetry-influxdb", writer.run)
             sink = SpoolIngestor(self.ingest, spool, root=self.root, site=self.site, memo=memo,
                                  buildings={d.device_id: d.building
-                                            for d in self.config.devices})
+                                            for d in self.config.devices},
+                                 polled=[d.device_id for d in self.config.devices
+                                         if d.is_modbus])
             client = self._client(sink)
             client.loop_start()
             log.info("telemetry worker for site %s: spool %s, sinks %s", self.site, directory,
@@ -313,6 +377,29 @@ class TelemetryWorker:
             return 1
         log.info("telemetry worker stopped")
         return 0
+
+    def _rules_consumer(self, spool: Spool, engine: Engine,
+                        client: Callable[[], IngestClient | None]) -> RulesConsumer:
+        """The live rules engine on the spool; a bad rule file ends the worker (exit 2)."""
+        rule_set = load_rule_set(self.config.rules.files)
+        context = site_context(self.config)
+
+        def make(snapshot: bytes | None) -> RulesEngine:
+            if snapshot is None:
+                return RulesEngine(rule_set, context)
+            return RulesEngine.restore(rule_set, context, snapshot)
+
+        def publish(transition: Transition) -> None:
+            mqtt_client = client()
+            if mqtt_client is not None:  # paho queues QoS 1 messages while disconnected
+                mqtt_client.publish(
+                    alert_topic(self.root, transition.rule_id, transition.device_id),
+                    json.dumps(transition.to_wire(), separators=(",", ":")), qos=1)
+
+        log.info("rules: %d rules (%s)", len(rule_set),
+                 ", ".join(self.config.rules.files) or "the bundled defaults")
+        return RulesConsumer(spool, AlertStore(engine), make, rules_digest=rules_digest(rule_set),
+                             site=self.site, publish=publish)
 
     def _writer(self, spool: Spool, directory: Path) -> InfluxWriter | None:
         influx = self.config.influxdb
@@ -343,6 +430,8 @@ class TelemetryWorker:
             client.disconnect()  # session kept: readings queue at the broker meanwhile
             client.loop_stop()
         local.stop()
+        if self.rules is not None:
+            self.rules.stop()
         if writer is not None:
             writer.stop()
         deadline = time.monotonic() + STOP_JOIN_S
@@ -388,7 +477,14 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    return run_worker(config, stop)
+    try:
+        return run_worker(config, stop)
+    except RuleFileError as exc:  # `scgw run` checks first; a file edited since is caught here
+        log.error("telemetry worker: the rule files have problems: %s", "; ".join(exc.problems))
+        return 2
+    except OSError as exc:
+        log.error("telemetry worker: cannot read a rule file: %s", exc)
+        return 2
 
 
 if __name__ == "__main__":

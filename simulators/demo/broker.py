@@ -1,8 +1,14 @@
 """Starting an MQTT broker for the demo and the tests.
 
-Production sites run their own broker (Mosquitto, EMQX, ...). The demo and the tests start
-Mosquitto on a free loopback port with the settings the gateway is measured with; without
-Mosquitto installed the demo falls back to the embedded amqtt broker.
+Production sites run their own broker (Mosquitto, EMQX, ...) with the files of
+`scgw mqtt-config`. `scgw demo` starts Mosquitto with those files too (generated into its
+data directory: per-device logins, ACL, no anonymous clients); without Mosquitto installed
+it falls back to the embedded amqtt broker, which enforces the same passwd and acl files
+(simulators/demo/amqtt_acl.py).
+
+`Mosquitto()` without a configuration is the tests' and benchmarks' throw-away broker:
+loopback only, one run, anonymous allowed so that protocol tests need no logins. Tests of
+authentication start it with generated files (`Mosquitto(conf_path=...)`).
 """
 
 from __future__ import annotations
@@ -95,20 +101,35 @@ def mosquitto_binary() -> str | None:
 
 class Mosquitto:
     """A Mosquitto process on loopback; restartable on the same port (for reconnect tests),
-    keeping persistent sessions and retained messages across the restart like a real one."""
+    keeping persistent sessions and retained messages across the restart like a real one.
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    `conf_path`: run this configuration (e.g. `scgw mqtt-config`'s, which must listen on
+    `host`:`port`) instead of the anonymous test broker's. Its stderr then goes to
+    `log_path` (beside it), where refused logins show up.
+    """
+
+    def __init__(
+        self, port: int | None = None, host: str = "127.0.0.1", *,
+        conf_path: Path | None = None,
+    ) -> None:
         binary = mosquitto_binary()
         if binary is None:
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
+        if conf_path is not None and port is None:
+            raise ValueError("a given configuration names its port: pass it as `port`")
         self.binary = binary
         self.host = host
         self.port = port or free_port(host)
         self._dir = tempfile.TemporaryDirectory(prefix="scgw-mosquitto-")
-        self.conf_path = Path(self._dir.name) / "mosquitto.conf"
         self.data_dir = Path(self._dir.name) / "data"
         self.data_dir.mkdir()
-        self.conf_path.write_text(mosquitto_conf(self.port, host, self.data_dir))
+        self.log_path: Path | None = None
+        if conf_path is None:
+            self.conf_path = Path(self._dir.name) / "mosquitto.conf"
+            self.conf_path.write_text(mosquitto_conf(self.port, host, self.data_dir))
+        else:
+            self.conf_path = conf_path
+            self.log_path = conf_path.parent / "mosquitto.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -116,12 +137,25 @@ class Mosquitto:
         return f"mqtt://{self.host}:{self.port}"
 
     def start(self) -> None:
-        self._proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf_path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.host, self.port)
+        if self.log_path is None:
+            self._proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        else:
+            with self.log_path.open("ab") as out:
+                self._proc = subprocess.Popen(
+                    [self.binary, "-c", str(self.conf_path)], stdout=out, stderr=out)
+        try:
+            wait_for_port(self.host, self.port)
+        except TimeoutError:
+            ended = self._proc.poll()
+            self.stop()
+            if ended is not None and self.log_path is not None:
+                raise RuntimeError(f"mosquitto exited ({ended}) with {self.conf_path}: "
+                                   f"{self.log_path.read_text()[-2000:]}") from None
+            raise
         log.info("mosquitto listening on %s:%d", self.host, self.port)
 
     def stop(self) -> None:
@@ -152,22 +186,33 @@ class Mosquitto:
 
 
 class EmbeddedBroker:
-    """amqtt in-process, for the demo on machines without Mosquitto (~25x slower)."""
+    """amqtt in-process, for the demo on machines without Mosquitto (~25x slower).
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    It enforces the `passwd` and `acl` files of `scgw mqtt-config` (amqtt_acl.py): there is
+    no way to start it open.
+    """
+
+    def __init__(
+        self, password_file: Path, acl_file: Path, port: int | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self.password_file, self.acl_file = password_file, acl_file
         self._broker: object | None = None
 
     async def __aenter__(self) -> EmbeddedBroker:
-        from amqtt.broker import Broker
         from amqtt.contexts import BrokerConfig, ListenerConfig
 
+        from simulators.demo.amqtt_acl import AclBroker, PasswdAuthPlugin
+
+        plugin = f"{PasswdAuthPlugin.__module__}.{PasswdAuthPlugin.__name__}"
         config = BrokerConfig(
             listeners={"default": ListenerConfig(type="tcp", bind=f"{self.host}:{self.port}")},
-            plugins={"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            plugins={plugin: {"password_file": str(self.password_file),
+                              "acl_file": str(self.acl_file)}},
         )
-        broker = Broker(config)
+        broker = AclBroker(config, self.acl_file)
         await broker.start()
         self._broker = broker
         log.info("embedded amqtt broker listening on %s:%d", self.host, self.port)

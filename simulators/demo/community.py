@@ -1,7 +1,9 @@
 """`scgw demo`: a whole virtual community on one machine, with no set-up.
 
-A broker (Mosquitto when installed, else embedded amqtt), simulated Modbus units, the
-gateway with its API, simulated readers and canteen terminals, and residents whose phones
+A broker (Mosquitto when installed, else embedded amqtt) running the files of
+`scgw mqtt-config` (per-device logins and ACL, no anonymous clients), simulated Modbus
+units, the gateway with its API, simulated readers and canteen terminals logged in as their
+devices, and residents whose phones
 open gates, call elevators and pay for lunch every few seconds, so a newcomer sees the
 product work within seconds and can then drive it through the API.
 """
@@ -12,17 +14,28 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import pwd
 import random
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy import Engine
 
 from device_drivers.vocabulary import Credential
+from gateway.app.mqtt_config import (
+    DEFAULT_GATEWAY_USER,
+    BrokerSettings,
+    Login,
+    Written,
+    write_mqtt_files,
+)
 from gateway.app.runtime import Gateway, install_signal_handlers
 from gateway.canteen.ledger import Ledger
 from gateway.config import SiteConfig
@@ -62,18 +75,42 @@ READERS = [
 class Broker:
     host: str
     port: int
-    kind: str
+    kind: str  # mosquitto | amqtt
+
+
+def broker_files(config: SiteConfig, directory: Path) -> Written:
+    """`scgw mqtt-config` for a broker on loopback (the demo's, or a test's): listener on
+    the site URL's host and port, persistence in `directory/data`, run as this user (as
+    root, Mosquitto would otherwise drop to `mosquitto`, which cannot read the files).
+    Fresh passwords every time."""
+    settings = BrokerSettings(
+        port=config.mqtt.port, bind=config.mqtt.host, persistence_dir=directory / "data",
+        run_as=pwd.getpwuid(os.getuid()).pw_name)
+    written = write_mqtt_files(config, directory, settings, rotate=True)
+    (directory / "data").mkdir(exist_ok=True)
+    return written
+
+
+def with_gateway_login(config: SiteConfig, login: Login) -> SiteConfig:
+    """The site config with the gateway's broker login (in production: the site file's
+    `mqtt.username` and SCGW__MQTT__PASSWORD)."""
+    mqtt = config.mqtt.model_copy(
+        update={"username": login.username, "password": SecretStr(login.password)})
+    return config.model_copy(update={"mqtt": mqtt})
 
 
 @contextlib.asynccontextmanager
-async def start_broker() -> AsyncIterator[Broker]:
-    if mosquitto_binary() is not None:
-        with Mosquitto() as mosquitto:
-            yield Broker(mosquitto.host, mosquitto.port, "mosquitto")
+async def start_broker(broker: Broker, files: Written) -> AsyncIterator[Broker]:
+    """The demo's broker on `broker.host:port` with the generated files: logins required,
+    each device confined to its own topics, whichever broker runs."""
+    if broker.kind == "mosquitto":
+        with Mosquitto(broker.port, broker.host, conf_path=files.conf):
+            yield broker
     else:
-        log.warning("mosquitto not installed: using the embedded amqtt broker (much slower)")
-        async with EmbeddedBroker() as embedded:
-            yield Broker(embedded.host, embedded.port, "amqtt")
+        log.warning("using the embedded amqtt broker (much slower than Mosquitto; the same "
+                    "logins and ACL)")
+        async with EmbeddedBroker(files.passwd, files.acl, broker.port, broker.host):
+            yield broker
 
 
 def demo_config(
@@ -87,7 +124,8 @@ def demo_config(
         {
             **extra,
             "site": {"id": "demo", "name": "scgw demo community"},
-            "mqtt": {"url": f"mqtt://{broker.host}:{broker.port}", "root": ROOT},
+            "mqtt": {"url": f"mqtt://{broker.host}:{broker.port}", "root": ROOT,
+                     "username": DEFAULT_GATEWAY_USER},
             "database": {"url": db_url},
             "api": {"port": api_port, "jwt_secret": secrets.token_urlsafe(48)},
             "buildings": BUILDINGS,
@@ -96,13 +134,26 @@ def demo_config(
     )
 
 
-def demo_json(api_url: str, broker: Broker, people: DemoPeople, config: SiteConfig) -> str:
+def demo_json(
+    api_url: str, broker: Broker, people: DemoPeople, config: SiteConfig, files: Written
+) -> str:
+    """CONTRACT.md section 6. Polled (Modbus) units have no broker login: null."""
+    logins = files.credentials.devices
+    monitor = files.credentials.monitor
     return json.dumps(
         {
             "api": api_url,
-            "mqtt": {"host": broker.host, "port": broker.port, "root": ROOT},
+            "mqtt": {"host": broker.host, "port": broker.port, "root": ROOT,
+                     "username": monitor.username, "password": monitor.password},
             "users": people.logins,
-            "devices": [{"device_id": d.device_id, "kind": d.kind} for d in config.devices],
+            "devices": [
+                {"device_id": d.device_id, "kind": d.kind,
+                 "mqtt_username": logins[d.device_id].username if d.device_id in logins
+                 else None,
+                 "mqtt_password": logins[d.device_id].password if d.device_id in logins
+                 else None}
+                for d in config.devices
+            ],
         },
         indent=2,
     )
@@ -138,7 +189,12 @@ async def run_demo(
     duration_s: float | None,
     announce: Callable[[str], None] = log.info,
     influxdb_url: str | None = None,
+    broker_kind: str = "auto",
 ) -> None:
+    if broker_kind == "auto":
+        broker_kind = "mosquitto" if mosquitto_binary() is not None else "amqtt"
+    elif broker_kind == "mosquitto" and mosquitto_binary() is None:
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
     db_url = await asyncio.to_thread(_fresh_data_dir, data_dir)
     stop = asyncio.Event()
     remove_handlers = install_signal_handlers(stop)
@@ -146,9 +202,13 @@ async def run_demo(
         asyncio.get_running_loop().call_later(duration_s, stop.set)
     try:
         async with AsyncExitStack() as stack:
-            broker = await stack.enter_async_context(start_broker())
             modbus_devices = await stack.enter_async_context(_modbus_units())
+            broker = Broker("127.0.0.1", free_port(), broker_kind)
             config = demo_config(broker, db_url, api_port, modbus_devices, influxdb_url)
+            files = await asyncio.to_thread(broker_files, config, data_dir / "mqtt")
+            config = with_gateway_login(config, files.credentials.gateway)
+            await stack.enter_async_context(start_broker(broker, files))
+            logins = files.credentials.devices
             await asyncio.to_thread(db.upgrade, db_url)
             engine = db.make_engine(db_url)
             stack.callback(engine.dispose)
@@ -159,20 +219,26 @@ async def run_demo(
                 gateway_task = tasks.create_task(gateway.run(stop), name="gateway")
                 await _wait_started(gateway, gateway_task)
                 api_url = f"http://127.0.0.1:{gateway.api_port}"
-                text = demo_json(api_url, broker, people, config)
-                await asyncio.to_thread((data_dir / "demo.json").write_text, text)
-                announce(f"scgw demo is up ({broker.kind} broker). {data_dir / 'demo.json'}:")
+                text = demo_json(api_url, broker, people, config, files)
+                await asyncio.to_thread(_write_private, data_dir / "demo.json", text)
+                announce(f"scgw demo is up ({broker.kind} broker on {broker.host}:"
+                         f"{broker.port}: logins required, anonymous clients refused, each "
+                         f"device confined to its own topics; broker files in {files.out_dir})."
+                         f" {data_dir / 'demo.json'}:")
                 announce(text)
                 async with AsyncExitStack() as sims:
                     readers = {
                         r["device_id"]: await sims.enter_async_context(
                             ReaderSimulator(broker.host, broker.port, r["device_id"], r["kind"],
-                                            ROOT)
+                                            ROOT, username=logins[r["device_id"]].username,
+                                            password=logins[r["device_id"]].password)
                         )
                         for r in READERS if r["kind"] in ("gate", "elevator")
                     }
                     till = await sims.enter_async_context(
-                        CanteenTerminal(broker.host, broker.port, "canteen-1", root=ROOT)
+                        CanteenTerminal(broker.host, broker.port, "canteen-1", root=ROOT,
+                                        username=logins["canteen-1"].username,
+                                        password=logins["canteen-1"].password)
                     )
                     life = [
                         tasks.create_task(resident_life(r, readers, 6.0), name=f"life-{r.name}")
@@ -180,7 +246,7 @@ async def run_demo(
                     ] + [
                         tasks.create_task(lunch(r, till, 8.0), name=f"lunch-{r.name}")
                         for r in people.residents
-                    ]
+                    ] + [tasks.create_task(incidents(readers, 45.0), name="incidents")]
                     await stop.wait()
                     for task in life:
                         task.cancel()
@@ -189,12 +255,33 @@ async def run_demo(
     announce("scgw demo stopped")
 
 
+async def incidents(readers: dict[str, ReaderSimulator], period_s: float) -> None:
+    """Injected faults, so the demo shows alerts: now and then a gate is forced open, held
+    open or tampered with (the bundled event rules raise them; they clear by themselves)."""
+    gates = [r for r in readers.values() if r.kind == "gate"]
+    while True:
+        await asyncio.sleep(period_s * random.uniform(0.5, 1.5))
+        gate = random.choice(gates)
+        event = random.choice(("door_forced", "door_held_open", "tamper"))
+        log.info("injected fault: %s reports %s", gate.device_id, event)
+        await gate.report_event(event)
+
+
 def _fresh_data_dir(data_dir: Path) -> str:
-    """Each demo run starts from an empty database (new people, new passwords)."""
+    """Each demo run starts from an empty database and broker (new people, new passwords)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     for stale in data_dir.glob("demo.db*"):
         stale.unlink()
+    shutil.rmtree(data_dir / "mqtt", ignore_errors=True)
     return f"sqlite:///{data_dir / 'demo.db'}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """demo.json holds every login of the run: readable by this user only."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
 
 
 async def _wait_started(gateway: Gateway, task: asyncio.Task[None]) -> None:
