@@ -122,17 +122,18 @@ async def test_a_locked_database_falls_back_to_memory_and_the_spill_file_survive
             assert time.monotonic() - started < 0.5
             audit.record(entry(8, instance=None))
             await asyncio.sleep(0.2)
-            lines = [json.loads(line) for line in
-                     (spill / f"{audit.instance_id}.jsonl").read_text().splitlines()]
+            spilled = spill / f"{audit.instance_id}.jsonl"
+            at_crash = spilled.read_bytes()
+            lines = [json.loads(line) for line in at_crash.splitlines()]
             assert [line["entry"]["request_id"] for line in lines] == ["req-7", "req-8"]
             assert lines[0]["claim"]["token_key"] == "qr:c1:2:bb"
-            # The process dies here: nothing it holds in memory survives.
+            # The process dies here: nothing it holds in memory survives, the file does.
             audit._stop.set()
             audit._pending.clear()
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert (spill / f"{audit.instance_id}.jsonl").exists()
+    spilled.write_bytes(at_crash)  # as the crash left it (the clean exit above emptied it)
     async with AuditLog(engine, spill_dir=spill) as restarted:
         assert restarted.replayed == 2
     with engine.connect() as conn:
@@ -157,3 +158,59 @@ def test_a_card_enrolled_by_staff_is_audited_with_the_actor(engine: Engine) -> N
                                    audit_log.c.resident_id, audit_log.c.credential_ref)).all()
         assert verify(conn).ok
     assert rows == [("staff-wu", "enrol_card", "r-alice", "C-9001")]
+
+
+def test_spent_tokens_are_kept_as_long_as_an_upload_could_bring_them_back(
+    engine: Engine,
+) -> None:
+    now = 1_800_000_000.0
+    with engine.begin() as conn:
+        for i, age in enumerate((10.0, 7 * 86400.0, spent.RETAIN_S + 120, spent.RETAIN_S + 9e5)):
+            spent.claim(conn, TokenClaim(f"qr:c:{i}:00", now - age, "gate-north", f"g/{i}"),
+                        now)
+        assert spent.prune(conn, now) == 2
+        kept = set(conn.execute(select(spent_tokens.c.token_key)).scalars())
+    assert kept == {"qr:c:0:00", "qr:c:1:00"}
+
+
+async def test_while_another_writer_holds_sqlite_decisions_go_out_and_spent_tokens_stay_spent(
+    tmp_path: Path,
+) -> None:
+    """The telemetry worker's rollups hold SQLite's write lock for tens of milliseconds at a
+    time. Decisions do not wait for it: a fresh token goes out spilled (written to the store
+    once the lock is free), a spent one is refused from a read, which needs no lock."""
+    url = f"sqlite:///{tmp_path / 'gw.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    try:
+        async with AuditLog(engine, spill_dir=tmp_path / "spill", lock_wait_s=3.0,
+                            commit_timeout_s=5.0) as audit:
+            used = TokenClaim("qr:a:1:00", 30.0, "gate-north", "gate-north/r-1")
+            first = await audit.commit(entry(1, instance=None), used)
+            assert first is not None and first.outcome is ClaimOutcome.FRESH
+            blocker = sqlite3.connect(tmp_path / "gw.db", isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                started = time.monotonic()
+                fresh = TokenClaim("qr:b:1:00", 30.0, "gate-north", "gate-north/r-2")
+                assert await audit.commit(entry(2, instance=None), fresh) is None
+                again = await audit.commit(entry(3, instance=None),
+                                           TokenClaim("qr:a:1:00", 30.0, "gate-south",
+                                                      "gate-south/r-3"))
+                assert again is not None and again.outcome is ClaimOutcome.SPENT
+                assert (again.entry.granted, again.entry.reason) == (False, "replayed_token")
+                assert time.monotonic() - started < 1.0  # nobody waited for the lock
+                assert audit.busy_releases == 1
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            while audit.pending:
+                await asyncio.sleep(0.02)
+        with engine.connect() as conn:
+            rows = conn.execute(select(audit_log.c.request_id, audit_log.c.granted)
+                                .order_by(audit_log.c.id)).all()
+            assert spent.is_spent(conn, "qr:b:1:00")
+            assert verify(conn).ok
+        assert rows == [("req-1", True), ("req-2", True), ("req-3", False)]
+    finally:
+        engine.dispose()

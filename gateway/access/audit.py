@@ -80,6 +80,7 @@ from gateway.access import spent
 from gateway.access.audit_spill import SpillFile, leftovers
 from gateway.access.presence import HEARTBEAT_S, gateway_uptime
 from gateway.access.spent import ClaimOutcome, TokenClaim
+from gateway.store.db import read_engine
 from gateway.store.metadata import metadata
 
 log = logging.getLogger(__name__)
@@ -411,6 +412,10 @@ class AuditError(RuntimeError):
     """Entries could not be written (nor spilled) at shutdown; the log names how many."""
 
 
+class _Busy(Exception):
+    """The database is locked by another writer; the decision was spilled and goes out."""
+
+
 @dataclass(frozen=True, slots=True)
 class Committed:
     """What `commit` wrote: the entry as recorded and what its token claim found."""
@@ -499,6 +504,9 @@ class AuditLog:
         self.written = 0
         self.write_errors = 0
         self.inline_writes = 0  # batches written on the event loop (SQLite, uncontended)
+        self.busy_releases = 0  # decisions let go, spilled, while another writer held SQLite
+        self._busy = False  # a write of ours waits for SQLite's lock
+        self._reader: Engine | None = None  # SQLite: reads spent tokens while it is busy
         self.fallbacks = 0  # commits answered from memory because the database did not take them
         self.spilled = 0
         self.replayed = 0  # entries of a crashed instance's spill file written at start
@@ -558,9 +566,26 @@ class AuditLog:
         """
         loop = asyncio.get_running_loop()
         degraded = self._failures > 0
-        item = _Item(self._stamp(entry), claim, None if degraded else loop.create_future(),
-                     decided=degraded)
+        # SQLite held by another writer right now (a write of ours is waiting for it): go
+        # out at once, spilled, like the decisions `_release_waiters` let go. A visitor
+        # pass's use waits for the database, so that `max_uses` holds across processes.
+        busy = (self._busy and self._spill is not None and not degraded
+                and (claim is None or claim.pass_id is None))
+        if busy and claim is not None:
+            found = self._already_claimed(claim)
+            if found is not None:
+                # Spent before: known without the write lock, refused at once. The token
+                # needs no second record; the refusal is logged like any decision.
+                refused = self._stamp(entry).refused(_REFUSAL[found])
+                self._enqueue(_Item(refused))
+                return Committed(refused, found)
+        item = _Item(self._stamp(entry), claim,
+                     None if degraded or busy else loop.create_future(),
+                     decided=degraded or busy)
         self._enqueue(item)
+        if busy and self._spill_now([item]):
+            self.busy_releases += 1
+            return None
         try:
             if item.waiter is None:
                 # The store failed the last write and the writer is backing off: do not make
@@ -569,13 +594,14 @@ class AuditLog:
             self._kick()
             async with asyncio.timeout(self.commit_timeout_s):
                 return await asyncio.shield(item.waiter)
-        except Exception as exc:  # TimeoutError, or the write failed
+        except Exception as exc:  # TimeoutError, the write failed, or the database is busy
             if item.result is not None:  # settled just as the wait ended
                 return item.result
             item.decided = True
-            self.fallbacks += 1
-            log.warning("audit: decision on %s not recorded in time (%s); deciding from "
-                        "memory", entry.device_id, type(exc).__name__)
+            if not isinstance(exc, _Busy):
+                self.fallbacks += 1
+                log.warning("audit: decision on %s not recorded in time (%s); deciding from "
+                            "memory", entry.device_id, type(exc).__name__)
             await self._spill_items([item])
             return None
 
@@ -631,6 +657,9 @@ class AuditLog:
                 self._executor = None
             if self._inflight is None:
                 self._drop_own()
+            if self._reader is not None and self._reader is not self._engine:
+                self._reader.dispose()
+            self._reader = None
         unwritten = len(self._pending)
         if unwritten and self._spill is not None:
             await self._spill_items(list(self._pending))
@@ -725,6 +754,8 @@ class AuditLog:
             batch = list(itertools.islice(self._pending, count))
             if self._inline and self._write_inline(batch):
                 return
+            if self._inline:
+                self._release_waiters(batch)  # busy: do not hold decisions behind the lock
             assert self._executor is not None
             write = asyncio.get_running_loop().run_in_executor(
                 self._executor, self._append, batch, self._skip_written, self.lock_wait_s)
@@ -753,8 +784,70 @@ class AuditLog:
         self._settle_ok(batch, results)
         return True
 
+    def _release_waiters(self, batch: list[_Item]) -> None:
+        """SQLite, and another writer holds the database (the telemetry worker's rollups
+        hold it for tens of milliseconds at a time): rather than make the readers wait for
+        it, write the waiting decisions to the spill file (the kernel has them when this
+        returns: a kill -9 loses nothing; fsynced with the WAL) and let them go out as
+        decided from memory. The thread writes them to the store as soon as the lock is
+        free, where another process sees their spent tokens from then on."""
+        # A token already spent is left waiting: the write will say so in a moment.
+        waiting = [i for i in batch if i.waiter is not None and not i.waiter.done()
+                   and (i.claim is None or (i.claim.pass_id is None
+                                            and self._already_claimed(i.claim) is None))]
+        if not waiting or not self._spill_now(batch):
+            return
+        self._busy = True  # until this write settles
+        for item in waiting:
+            item.decided = True
+            assert item.waiter is not None
+            item.waiter.set_exception(_Busy())
+            item.waiter.exception()
+        self.busy_releases += len(waiting)
+
+    def _already_claimed(self, claim: TokenClaim) -> ClaimOutcome | None:
+        """What the store already says about this token, read without the write lock (a
+        WAL reader is never blocked by a writer): the outcome of claiming it if that would
+        not be FRESH, else None. A token claimed but not committed yet by another process
+        at this moment reads as unclaimed: that is the window `_release_waiters` opens."""
+        if self._reader is None:
+            self._reader = read_engine(self._engine)
+        try:
+            with self._reader.connect() as conn:
+                row = conn.execute(spent.EXISTING, {"b_key": claim.token_key}).first()
+        except Exception:
+            log.warning("audit: could not read spent tokens", exc_info=True)
+            return ClaimOutcome.SPENT  # unknown: never let it go out unchecked
+        if row is None:
+            return None
+        if row.use_ref == claim.use_ref:
+            if claim.same_ref_is_ours:
+                return None
+            if (row.gw_instance != self.instance_id
+                    and self._clock() - float(row.spent_at) < spent.PEER_WINDOW_S):
+                return ClaimOutcome.PEER
+        return ClaimOutcome.SPENT
+
+    def _spill_now(self, items: list[_Item]) -> bool:
+        """Append to the spill file without an fsync (in the kernel when this returns;
+        fsynced with the WAL by `_sync_logged`); on the loop, it is a few microseconds."""
+        if self._spill is None:
+            return False
+        fresh = [i for i in items if not i.spilled]
+        try:
+            self._spill.append([(i.entry.to_json(), i.claim) for i in fresh], fsync=False)
+        except OSError:
+            log.exception("audit: could not spill; the decisions wait for the database")
+            return False
+        for item in fresh:
+            item.spilled = True
+        self.spilled += len(fresh)
+        self._unsynced = True
+        return True
+
     def _settle(self, batch: list[_Item], write: asyncio.Future[list[Committed]]) -> None:
         self._inflight = None
+        self._busy = False
         if write.cancelled() or write.exception() is not None:
             error = write.exception() if not write.cancelled() else None
             if isinstance(error, IntegrityError):
@@ -864,6 +957,8 @@ class AuditLog:
 
     def _sync_logged(self) -> None:
         try:
+            if self._spill is not None and self._spill.dirty:
+                self._spill.sync()
             self._sync_wal()
         except Exception:
             self._unsynced = True  # tried again at the next interval

@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ class SpillFile:
         self.directory = directory
         self.path = directory / f"{instance_id}{SUFFIX}"
         self._fd: int | None = None
+        self._lock = threading.Lock()  # appends come from the event loop and a worker thread
+        self._dirty = False  # written but not fsynced
         self.size = 0
 
     def _open(self) -> int:
@@ -70,26 +73,47 @@ class SpillFile:
             self.size = os.fstat(fd).st_size
         return self._fd
 
-    def append(self, items: Iterable[tuple[dict[str, Any], TokenClaim | None]]) -> int:
-        """Append and fsync; returns how many were written."""
+    def append(self, items: Iterable[tuple[dict[str, Any], TokenClaim | None]],
+               fsync: bool = True) -> int:
+        """Append (and fsync unless told not to); returns how many were written.
+
+        Without the fsync the lines are in the kernel when this returns: a kill -9 of the
+        gateway does not lose them, a power cut before the next `sync` could."""
         data = b"".join(_line(entry, claim) for entry, claim in items)
         if not data:
             return 0
-        fd = self._open()
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-        self.size += len(data)
+        with self._lock:
+            fd = self._open()
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if fsync:
+                os.fsync(fd)
+            self._dirty = self._dirty or not fsync
+            self.size += len(data)
         return data.count(b"\n")
 
+    def sync(self) -> None:
+        """fsync what `append(fsync=False)` wrote."""
+        with self._lock:
+            if self._fd is not None and self._dirty:
+                os.fsync(self._fd)
+                self._dirty = False
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
     def clear(self) -> None:
-        """Everything spilled has reached the database."""
-        if self._fd is not None and self.size:
-            os.ftruncate(self._fd, 0)
-            os.fsync(self._fd)
-            self.size = 0
+        """Everything spilled has reached the database. (No fsync: should a power cut bring
+        the lines back, replaying them changes nothing, entries being keyed by instance and
+        sequence number and token uses by their reference.)"""
+        with self._lock:
+            if self._fd is not None and self.size:
+                os.ftruncate(self._fd, 0)
+                self.size = 0
+                self._dirty = False
 
     def close(self, remove_if_empty: bool = True) -> None:
         if self._fd is None:

@@ -92,7 +92,7 @@ class TokenClaim:
 
 
 _S = spent_tokens.c
-_EXISTING = select(_S.use_ref, _S.gw_instance, _S.spent_at).where(
+EXISTING = select(_S.use_ref, _S.gw_instance, _S.spent_at).where(
     _S.token_key == bindparam("b_key"))
 _COUNT_USE = (
     update(visitor_passes)
@@ -142,7 +142,7 @@ def claim(conn: Connection, token: TokenClaim, now: float, instance: str | None 
     inserted = _insert_ignore(conn, token, now, instance)
     outcome = ClaimOutcome.FRESH
     if not inserted:
-        row = conn.execute(_EXISTING, {"b_key": token.token_key}).first()
+        row = conn.execute(EXISTING, {"b_key": token.token_key}).first()
         same = row is not None and row.use_ref == token.use_ref
         if same and (token.same_ref_is_ours or decided):
             return ClaimOutcome.FRESH  # this very use, recorded before: count nothing twice
@@ -164,10 +164,17 @@ def claim(conn: Connection, token: TokenClaim, now: float, instance: str | None 
 
 
 def is_spent(conn: Connection, token_key: str) -> bool:
-    return conn.execute(_EXISTING, {"b_key": token_key}).first() is not None
+    return conn.execute(EXISTING, {"b_key": token_key}).first() is not None
+
+
+PRUNE_CHUNK = 2000
 
 
 def prune(conn: Connection, now: float) -> int:
-    """Forget tokens no path could accept any more; returns how many rows went."""
+    """Forget up to PRUNE_CHUNK tokens no path could accept any more, in the caller's
+    transaction; returns how many went. Chunks keep the write lock short: a decision waits
+    behind whoever holds it."""
     horizon = now - RETAIN_S - (MAX_SKEW_STEPS + 1) * TIME_STEP_S
-    return int(conn.execute(delete(spent_tokens).where(_S.token_ts < horizon)).rowcount or 0)
+    oldest = select(_S.token_key).where(_S.token_ts < horizon).limit(PRUNE_CHUNK)
+    return int(conn.execute(delete(spent_tokens).where(_S.token_key.in_(
+        oldest.scalar_subquery()))).rowcount or 0)
