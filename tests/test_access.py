@@ -157,9 +157,12 @@ def test_token_refusals() -> None:
 
 
 @pytest.mark.parametrize("credential", [
-    Credential("nfc", "x"), Credential(None, "x"), Credential(["qr"], "x"), Credential("qr", 7),
+    # Bytes off the wire: a JSON null, list or number where a string belongs.
+    Credential("nfc", "x"), Credential(None, "x"),  # type: ignore[arg-type]
+    Credential(["qr"], "x"), Credential("qr", 7),  # type: ignore[arg-type]
     Credential("card", ""), Credential("card", "has space"), Credential("card", "x" * 65),
-    Credential("qr", ""), Credential("qr", "SC1." + "A" * 200), Credential("card", None),
+    Credential("qr", ""), Credential("qr", "SC1." + "A" * 200),
+    Credential("card", None),  # type: ignore[arg-type]
 ])
 def test_malformed_requests(credential: Credential) -> None:
     decision = decide(index_of(), GATE, credential, NOW)

@@ -20,9 +20,9 @@ from sqlalchemy import Engine, select
 
 from device_drivers import tokens as cred
 from device_drivers.mqtt import NO_DELAY
-from device_drivers.mqtt_protocol import Credential, Malformed
+from device_drivers.mqtt_protocol import Malformed
 from device_drivers.offline_sales import OfflineLimits
-from device_drivers.vocabulary import Reason
+from device_drivers.vocabulary import Credential, Reason
 from gateway.canteen.ledger import Ledger
 from gateway.canteen.payments import (
     PaymentHandler,

@@ -79,10 +79,11 @@ class LedgerMachine(RuleBasedStateMachine):
         """The model's decision for a payment seen for the first time."""
         if not isinstance(resolution, Reason) and over_limit:
             # Beyond the offline limit: nothing debited, the whole amount for staff review.
-            wire = {"txn_id": key[1], "approved": False,
-                    "balance_cents": self.balances.get(resolution, 0),
-                    "reason": "offline_limit", "shortfall_cents": amount}
-            return Expected(amount, resolution, wire, 0, online)
+            limited: dict[str, object] = {
+                "txn_id": key[1], "approved": False,
+                "balance_cents": self.balances.get(resolution, 0),
+                "reason": "offline_limit", "shortfall_cents": amount}
+            return Expected(amount, resolution, limited, 0, online)
         if isinstance(resolution, Reason):
             wire: dict[str, object] = {"txn_id": key[1], "approved": False,
                                        "balance_cents": None, "reason": resolution.value}

@@ -15,9 +15,9 @@ from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from device_drivers import tokens as cred
-from device_drivers.mqtt_protocol import Credential, Malformed
+from device_drivers.mqtt_protocol import Malformed
 from device_drivers.offline_sales import OfflineLimits
-from device_drivers.vocabulary import Reason
+from device_drivers.vocabulary import Credential, Reason
 from gateway.canteen import payments
 from gateway.canteen.ledger import BatchPayment, Ledger
 from gateway.canteen.payments import (

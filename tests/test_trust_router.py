@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 
@@ -15,7 +16,7 @@ from simulators.phone import SimulatedAir, SimulatedPhone
 from simulators.readers import ReaderSimulator
 from tests.community import Running, running_gateway
 
-EXTRA = [
+EXTRA: list[dict[str, Any]] = [
     {"device_id": "meter-x", "kind": "meter"},  # an MQTT meter: telemetry, status, events
     # A Modbus unit the gateway polls (nothing listens on the port: polling just fails).
     {"device_id": "erv-9", "kind": "fresh_air", "host": "127.0.0.1", "port": free_port(),

@@ -437,10 +437,11 @@ class _Item:
 class AuditLog:
     """Ordered writer of audit entries: group-committed on demand, batched otherwise.
 
-    `record` is safe to call from the event loop's hot path: it never blocks or touches
-    the database. Entries are written in the order recorded. An entry leaves the queue only
-    when the transaction holding it has committed, so a failed or interrupted write is
-    retried and never duplicated.
+    `commit` returns once its entry (and token use) is written, or spilled when the store
+    cannot take it in time. `record` is safe to call from the event loop's hot path: it
+    never blocks or touches the database. Entries are written in the order recorded. An
+    entry leaves the queue only when the transaction holding it has committed, so a failed
+    or interrupted write is retried and never duplicated.
     """
 
     def __init__(
@@ -483,7 +484,7 @@ class AuditLog:
                              and url.database not in (None, "", ":memory:"))
         self._inline_possible = self._sqlite_file and not fsync_each_commit
         self._inline = self._inline_possible
-        self._own: Connection | None = None  # SQLite: the writer's own connection
+        self._own: Connection | None = None  # the writer's own connection (`_connection`)
         self._own_wait = -1.0
         self._clock = clock
         self._seq = itertools.count(1)

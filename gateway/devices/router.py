@@ -89,6 +89,7 @@ _ALLOWED: dict[str, frozenset[str]] = {
 _UNIT_CHANNELS = frozenset({"status", "event"})
 # Channels only the gateway publishes on; the router watches them for forgeries.
 OUTBOUND_CHANNELS = ("access/decision", "payment/result", "payment/batch_result", "command")
+_WATCHED_SUFFIXES = tuple(f"/{channel}" for channel in OUTBOUND_CHANNELS)
 _ECHO_TTL_S = 60.0
 _ECHO_MAX = 100_000
 
@@ -167,7 +168,10 @@ class DeviceRouter:
 
     def note_outgoing(self, topic: str, payload: bytes) -> None:
         """Remember a message the gateway is about to publish, so its echo is not taken
-        for a forgery. Every publish of the gateway process goes through here."""
+        for a forgery. Every publish of the gateway process goes through here; only those
+        on the watched channels are remembered."""
+        if not topic.startswith(self._prefix) or not topic.endswith(_WATCHED_SUFFIXES):
+            return
         now = time.monotonic()
         self._sent[(topic, hashlib.blake2b(payload, digest_size=8).digest())] = now
         while self._sent:
