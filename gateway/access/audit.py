@@ -497,6 +497,7 @@ class AuditLog:
         self._lock = asyncio.Lock()
         self._spilling = asyncio.Lock()
         self._inflight: asyncio.Future[list[Committed]] | None = None
+        self._helpers: set[asyncio.Future[None]] = set()  # see _kick
         self._tasks = ComponentTasks(supervisor, "audit")
         self._writer: SupervisedTask | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -610,10 +611,15 @@ class AuditLog:
         """Start writing now if the writer is idle, rather than waiting for its task to be
         scheduled: one event-loop turn less on every decision."""
         if self._inflight is None and not self._lock.locked() and self._executor is not None:
+            # A short-lived helper of the supervised writer task, not a component of its own:
+            # held here (the loop keeps only weak references) and its failure handed to
+            # the writer, which retries, backs off and spills.
             task = asyncio.ensure_future(self._write_batch())
+            self._helpers.add(task)
             task.add_done_callback(self._kicked)
 
     def _kicked(self, task: asyncio.Future[None]) -> None:
+        self._helpers.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self._wake.set()  # the writer takes it from here: retries, backs off, spills
 
@@ -701,7 +707,9 @@ class AuditLog:
                 if self._unsynced and (due or spill_done) and (
                         self._syncing is None or self._syncing.done()):
                     self._synced_at = time.monotonic()
-                    # Beside the writer, not in its way: the next batch need not wait.
+                    # Beside the writer, not in its way: the next batch need not wait. Held in
+                    # `_syncing` and awaited before the spill is cleared; it logs its own
+                    # failures and marks the WAL unsynced for the next interval.
                     self._syncing = asyncio.ensure_future(asyncio.to_thread(self._sync_logged))
                 if spill_done and self._syncing is not None:
                     await self._syncing  # what the spill file holds is on disk for good
