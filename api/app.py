@@ -5,21 +5,30 @@ roles 403; an unexpected error is logged and answered as a JSON 500 without inte
 
 /openapi.json tells the truth about error bodies: every 422 is declared as `InvalidOut`
 (`detail` is a message or pydantic's list of problems, both of which routes answer), also on
-routes that leave the 422 to FastAPI, whose default schema allows only the list.
+routes that leave the 422 to FastAPI, whose default schema allows only the list. A path no
+route serves is a 404 that says so (`no route GET /nosuch`).
+
+Everything the browser loads comes from this process: the dashboard's files under
+`/static` (api/static), and Swagger UI at `/docs` from the copy vendored in
+api/static/swagger, so both work on a site without internet.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from api import auth
 from api.context import ApiContext
@@ -30,6 +39,44 @@ from api.routers import access, system
 log = logging.getLogger(__name__)
 _FASTAPI_422 = "#/components/schemas/HTTPValidationError"
 _OUR_422 = "#/components/schemas/InvalidOut"
+STATIC_DIR = Path(__file__).with_name("static")
+# Vendored, versioned libraries may be cached a day; our own files are revalidated (ETag).
+_LONG_CACHED = ("vendor/", "swagger/")
+
+
+class _StaticFiles(StaticFiles):
+    """api/static with Cache-Control set per kind of file."""
+
+    def file_response(self, full_path: Any, stat_result: Any, scope: Scope,
+                      status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        path = str(scope.get("path", ""))
+        long = any(f"/{prefix}" in path for prefix in _LONG_CACHED)
+        response.headers["Cache-Control"] = "public, max-age=86400" if long else "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+
+def _mount_static(app: FastAPI) -> None:
+    app.mount("/static", _StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="scgw API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="/static/swagger/favicon-32x32.png")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        icon = STATIC_DIR / "favicon.ico"
+        if not icon.is_file():  # the dashboard's own icon, else Swagger UI's
+            return FileResponse(STATIC_DIR / "swagger" / "favicon-32x32.png",
+                                media_type="image/png",
+                                headers={"Cache-Control": "public, max-age=86400"})
+        return FileResponse(icon, media_type="image/x-icon",
+                            headers={"Cache-Control": "public, max-age=86400"})
 
 
 def create_app(ctx: ApiContext, extra_routers: Iterable[APIRouter] = ()) -> FastAPI:
@@ -38,7 +85,8 @@ def create_app(ctx: ApiContext, extra_routers: Iterable[APIRouter] = ()) -> Fast
         version="1",
         description="Smart-community gateway: access, canteen, energy.",
         openapi_url="/openapi.json",
-        docs_url="/docs",
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ctx = ctx
     api = ctx.config.api
@@ -52,6 +100,7 @@ def create_app(ctx: ApiContext, extra_routers: Iterable[APIRouter] = ()) -> Fast
         on_refused=lambda result: ctx.metrics.inc("scgw_api_logins_total", result=result))
     for router in (auth.router, system.router, access.router, *extra_routers):
         app.include_router(router)
+    _mount_static(app)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -59,6 +108,11 @@ def create_app(ctx: ApiContext, extra_routers: Iterable[APIRouter] = ()) -> Fast
         # route declares; it is invalid input like any other, so it is a 422 here.
         if exc.status_code == 400:
             return JSONResponse({"detail": str(exc.detail)}, status_code=422)
+        if exc.status_code in (404, 405) and exc.detail in ("Not Found", "Method Not Allowed"):
+            # Starlette's own answer for a path or method no route serves: say which.
+            what = "no route" if exc.status_code == 404 else "method not allowed:"
+            return JSONResponse({"detail": f"{what} {request.method} {request.url.path[:200]}"},
+                                status_code=exc.status_code, headers=exc.headers)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(DataError)

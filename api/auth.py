@@ -16,6 +16,7 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import jwt
@@ -62,6 +63,7 @@ def issue_token(settings: JwtSettings, user: User, now: float) -> str:
         "iat": int(now),
         "exp": int(now) + settings.ttl_s,
         "jti": secrets.token_hex(8),
+        "sv": user.session_epoch,  # gateway.store.users: a password change ends the session
     }
     return jwt.encode(claims, settings.secret, algorithm=settings.algorithm)
 
@@ -144,6 +146,18 @@ async def login(
     return TokenResponse(access_token=token, expires_in=ctx.jwt.ttl_s, role=user.role.value)
 
 
+async def session_user(ctx: ApiContext, claims: dict[str, Any]) -> User | None:
+    """The user behind valid claims, or None when its session has ended (disabled, moved
+    out, password changed); one indexed read in a worker thread."""
+
+    def load() -> User | None:
+        with ctx.reader.connect() as conn:
+            # A token from before epochs existed counts as epoch 0.
+            return get_user(conn, str(claims["sub"]), claims.get("sv", 0))
+
+    return await run_in_threadpool(load)
+
+
 async def current_user(
     ctx: Ctx, token: Annotated[str | None, Depends(oauth2_scheme)]
 ) -> User:
@@ -152,15 +166,44 @@ async def current_user(
     claims = decode_token(ctx.jwt, token)
     if claims is None:
         raise _UNAUTHORIZED
-
-    def load() -> User | None:
-        with ctx.reader.connect() as conn:
-            return get_user(conn, str(claims["sub"]))
-
-    user = await run_in_threadpool(load)
+    user = await session_user(ctx, claims)
     if user is None:
         raise _UNAUTHORIZED
     return user
+
+
+@dataclass(frozen=True)
+class StreamSession:
+    """A signed-in user on a long-lived stream, and what to re-check it with."""
+
+    user: User
+    claims: dict[str, Any]
+
+    @property
+    def expires_at(self) -> float:
+        return float(self.claims["exp"])
+
+
+QUERY_TOKEN = "access_token"  # noqa: S105 - the name of the query parameter
+
+
+async def stream_session(
+    request: Request, ctx: Ctx, token: Annotated[str | None, Depends(oauth2_scheme)]
+) -> StreamSession:
+    """For Server-Sent Events only: the token from `Authorization: Bearer`, or, because a
+    browser's EventSource cannot set headers, from the `access_token` query parameter. The
+    query string is never logged (uvicorn's access log is off and our logs name the path
+    only); other routes accept the header alone."""
+    token = token or request.query_params.get(QUERY_TOKEN)
+    if not token:
+        raise _UNAUTHORIZED
+    claims = decode_token(ctx.jwt, token)
+    if claims is None:
+        raise _UNAUTHORIZED
+    user = await session_user(ctx, claims)
+    if user is None:
+        raise _UNAUTHORIZED
+    return StreamSession(user, claims)
 
 
 def require_roles(*roles: Role) -> Callable[..., Any]:

@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from api.services import ApiServices
 from gateway.config import SiteConfig
+from gateway.events import EventHub
 from gateway.metrics import Registry
 from gateway.store.db import read_engine
 
@@ -47,6 +48,8 @@ class ApiContext:
     # a deferred transaction, so they never take the write lock from a payment. None: made
     # from `engine` on first use (gateway.store.db.read_engine) and disposed with this.
     read_engine: Engine | None = None
+    # Live events for GET /api/v1/events; None: the route answers 503 (no gateway here).
+    events: EventHub | None = None
 
     @property
     def reader(self) -> Engine:

@@ -55,6 +55,9 @@ class AccessControl(Protocol):
 
     def check_remote(self, resident_id: str, device_id: str, now: float) -> RemoteDecision: ...
 
+    def remote_readers(self) -> Mapping[str, str]:
+        """device id -> kind ("gate" or "elevator") of the readers an app may act on."""
+
     async def refresh_now(self) -> None:
         """Reload from the store, so the next decision obeys a write the API just made."""
 
@@ -65,7 +68,15 @@ class DecisionAudit(Protocol):
     def record_decision(
         self, device_id: str, device_kind: str, decision: RemoteDecision, now: float,
         request_id: str | None = None,
-    ) -> None: ...
+    ) -> None:
+        """Queue it: for a decision that opens nothing."""
+
+    async def record_decision_durably(
+        self, device_id: str, device_kind: str, decision: RemoteDecision, now: float,
+        request_id: str | None = None,
+    ) -> bool:
+        """Written to the store (True) or the local spill file before it returns: for a
+        decision about to be acted on."""
 
 
 # --- canteen ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Rules engine throughput (issue 10): 50 rules of all ten kinds over 1,000 devices.
+"""Rules engine throughput (issue 10): 50 rules of all eleven kinds over 1,000 devices.
 
     .venv/bin/python bench/bench_rules.py [--readings 2000000] [--batch 100000]
 
@@ -39,6 +39,7 @@ from rules.model import (
     DeviceInfo,
     EventRule,
     FlatlineRule,
+    FloorRule,
     GroupRule,
     Match,
     NoDataRule,
@@ -147,9 +148,9 @@ def rule_set() -> list[Rule]:
         RatioRule(id="fan-power-slow", match=hvac, numerator="power_w",
                   denominator="fan_speed_pct", exponent=3, min_denominator=10, learn_s=7200,
                   window_s=3600, rise_pct=80),
-        RatioRule(id="filter-slow", match=hvac, numerator="filter_dp_pa",
-                  denominator="fan_speed_pct", exponent=2, learn_s=7200, window_s=3600,
-                  rise_pct=20, clear_pct=10),
+        FloorRule(id="base-power", match=hvac, metric="power_w", per="fan_speed_pct",
+                  min_per=1, window_s=3600, learn_s=3600, rise_pct=8, clear_pct=5,
+                  for_s=7200),
     ]
     for i, (window, tolerance) in enumerate(((900, 10), (300, 5), (3600, 3), (900, 20))):
         rules.append(GroupRule(id=f"balance-{i}", match=meters, main=main, window_s=window,

@@ -168,6 +168,28 @@ class AccessConfig(_Strict):
 class CanteenConfig(_Strict):
     offline_limit_per_card_cents: int = Field(default=5000, ge=0)
     offline_limit_per_terminal_cents: int = Field(default=200000, ge=0)
+    # Offline sales are believed only inside a period the gateway saw the terminal offline,
+    # widened by this on both sides: the broker sends a last will 1.5 keepalives after the
+    # link died, and clocks differ a little. Wider lets a forged upload reach further back.
+    offline_window_slack_s: float = Field(default=120.0, ge=0, le=3600)
+
+
+class AuditConfig(_Strict):
+    """Where decisions wait when the store cannot take them, and how hard a commit syncs."""
+
+    # None: `audit-spill/` in the telemetry spool directory (beside the SQLite database).
+    spill_dir: Path | None = None
+    # SQLite only: fsync every decision's commit (synchronous=FULL). Off, a commit survives a
+    # kill -9 of the gateway and the WAL is fsynced within 0.2 s; on, it also survives a
+    # power cut at once, at the cost of an fsync (milliseconds) in every decision's round trip.
+    fsync_each_commit: bool = False
+
+    @field_validator("spill_dir", mode="before")
+    @classmethod
+    def _not_blank(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("a directory path (or leave the key out: beside the spool)")
+        return value
 
 
 class TelemetryConfig(_Strict):
@@ -306,6 +328,13 @@ class RulesConfig(_Strict):
         if seen:
             raise ValueError(f"listed more than once: {', '.join(sorted(seen))}")
         return files
+
+
+class HomeAssistantConfig(_Strict):
+    """Home Assistant MQTT discovery (gateway/devices/ha_discovery.py); off by default."""
+
+    discovery: bool = False
+    prefix: str = Field(default="homeassistant", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 
 
 class FloorConfig(_Strict):
@@ -514,9 +543,11 @@ class SiteConfig(_Strict):
     api: ApiConfig = ApiConfig()
     access: AccessConfig = AccessConfig()
     canteen: CanteenConfig = CanteenConfig()
+    audit: AuditConfig = AuditConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     influxdb: InfluxConfig | None = None  # None: the local store only
     rules: RulesConfig = RulesConfig()
+    home_assistant: HomeAssistantConfig = HomeAssistantConfig()
     buildings: list[BuildingConfig] = Field(default_factory=list)
     devices: list[DeviceConfig] = Field(default_factory=list)
 
@@ -566,6 +597,14 @@ class SiteConfig(_Strict):
             return self.telemetry.spool_dir
         database = sqlite_file(self.database.url)
         return (database.parent if database is not None else Path(".")) / "spool"
+
+    @property
+    def audit_spill_directory(self) -> Path:
+        """`audit.spill_dir`, else `audit-spill/` in the spool directory (where earlier
+        versions put it, so a spill left by one is still replayed after an upgrade)."""
+        if self.audit.spill_dir is not None:
+            return self.audit.spill_dir
+        return self.spool_directory / "audit-spill"
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -777,6 +816,11 @@ def file_problems(config: SiteConfig, path: str | Path) -> list[str]:
         what = "" if key[0] == "telemetry" else " (the spool goes beside the SQLite database)"
         problems.append(f"line {lines.get(key, '?')}: {'.'.join(key)}: the spool directory "
                         f"{str(spool)!r} exists and is not a directory{what}")
+    spill = config.audit_spill_directory
+    if spill.exists() and not spill.is_dir():
+        key = ("audit", "spill_dir") if config.audit.spill_dir else ("telemetry", "spool_dir")
+        problems.append(f"line {lines.get(key, '?')}: {'.'.join(key)}: the audit spill "
+                        f"directory {str(spill)!r} exists and is not a directory")
     return problems
 
 

@@ -69,6 +69,7 @@ DETAIL_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     "counter": ("anomaly", "previous", "explained"),
     "baseline": ("expected", "bound"),
     "ratio": ("reference", "pct"),
+    "floor": ("reference", "pct"),
     "group": ("main", "subs", "difference"),
     "event": ("event",),
 }
@@ -403,6 +404,7 @@ CHECKS: Final[Mapping[str, tuple[Check, ...]]] = {
     "regression_tolerance": (_at_least(0),),
     "jump_factor": (_at_least(1),),
     "jump_margin": (_at_least(0),),
+    "max_power": (_above(0),),
     "history_weeks": (_at_least(1), _at_most(52)),
     "alpha": (_above(0), _at_most(1)),
     "k": (_above(0),),
@@ -414,6 +416,9 @@ CHECKS: Final[Mapping[str, tuple[Check, ...]]] = {
     "clear_pct": (_at_least(0),),
     "tolerance_pct": (_at_least(0),),
     "min_abs": (_at_least(0),),
+    "per_step": (_above(0),),
+    "min_per": (_at_least(0),),
+    "min_swing": (_at_least(1),),
 }
 """Ranges by field name, wherever the field appears (names mean the same in every kind)."""
 
@@ -426,6 +431,7 @@ REQUIRED: Final[Mapping[str, frozenset[str]]] = {
     "schedule": frozenset({"metric", "above"}),
     "baseline": frozenset({"metric"}),
     "ratio": frozenset({"numerator", "denominator"}),
+    "floor": frozenset({"metric"}),
     "group": frozenset({"metric", "match", "main"}),
     "event": frozenset({"events"}),
 }
@@ -433,7 +439,8 @@ REQUIRED: Final[Mapping[str, frozenset[str]]] = {
 defaults for them, but a rule that silently watches power_w because `metric` was forgotten
 is worse than an error."""
 
-_METRIC_FIELDS: Final = frozenset({"metric", "power_metric", "numerator", "denominator"})
+_METRIC_FIELDS: Final = frozenset({"metric", "power_metric", "numerator", "denominator",
+                                   "per"})
 _EVENT_FIELDS: Final = frozenset({"events", "clear_events"})
 _INSTANT_KINDS: Final = {
     "event": "an event rule fires on the event itself",
@@ -597,6 +604,13 @@ def _cross_checks(kind: str, v: Mapping[str, Any], given: set[str]) -> list[tupl
         if v["numerator"] == v["denominator"]:
             problems.append((("denominator",), "expected a metric other than the numerator "
                              f"(the ratio of {v['numerator']} to itself never moves)"))
+    elif kind == "floor":
+        if v["clear_pct"] is not None and v["clear_pct"] > v["rise_pct"]:
+            problems.append((("clear_pct",), f"expected at most rise_pct ({v['rise_pct']:g}) "
+                             f"so the alert can resolve; found {v['clear_pct']:g}"))
+        if v["per"] == v["metric"]:
+            problems.append((("per",), "expected the metric that sets the operating point "
+                             f"(a fan speed), not the watched metric itself ({v['metric']})"))
     elif kind == "group":
         for key in ("match", "main"):
             if has(key) and v[key] == Match():

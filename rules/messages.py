@@ -18,6 +18,7 @@ from rules.model import (
     DeviceInfo,
     EventRule,
     FlatlineRule,
+    FloorRule,
     GroupRule,
     NoDataRule,
     RateOfChangeRule,
@@ -132,6 +133,14 @@ def default_message(rule: Rule, f: Mapping[str, Any]) -> str:
             return (f"{metric} of {dev} averaged {value} over {num(rule.bucket_s)} s, {usual}"
                     f"{held}")
         return f"{metric} of {dev} back to its usual range (averaged {value}, {usual})"
+    if isinstance(rule, FloorRule):
+        at = f" at {rule.per} steps of {num(rule.per_step)}" if rule.per else ""
+        pct = f.get("pct")
+        change = "-" if pct is None else f"{pct:+.1f}%"
+        if firing:
+            return (f"base {metric} of {dev}{at} is {value}, {change} from its lowest "
+                    f"{num(f.get('reference'))}{held}")
+        return f"base {metric} of {dev} back near its lowest ({change}, value {value})"
     if isinstance(rule, RatioRule):
         ratio = f"{rule.numerator}/{rule.denominator}^{num(rule.exponent)} of {dev}"
         pct = f.get("pct")

@@ -183,9 +183,11 @@ class CounterRule(RuleBase):
     previous value was within `rollover_margin` (fraction) of `counter_max` and the new one
     near 0, which is a rollover (not alerted; the delta is counter_max - prev + new). A
     delta over `jump_factor` x the energy the reported `power_metric` explains (mean power
-    x Δt / 3600) plus `jump_margin` (Wh) is an implausible jump. One alert per rule and
-    device covers all three (the message says which); it resolves after `clear_after_s` of
-    event time without another anomaly.
+    x Δt / 3600) plus `jump_margin` (Wh) is an implausible jump; with `max_power` (W) set,
+    the allowance is at least `max_power` x Δt / 3600 (the most the device can use unseen
+    across the gap, e.g. a unit cycling between two readings) plus `jump_margin`. One alert
+    per rule and device covers all three (the message says which); it resolves after
+    `clear_after_s` of event time without another anomaly.
     """
 
     kind: Literal["counter"] = "counter"
@@ -196,6 +198,7 @@ class CounterRule(RuleBase):
     regression_tolerance: float = 0.0
     jump_factor: float = 2.0
     jump_margin: float = 50.0
+    max_power: float | None = None
     clear_after_s: float = 3600.0
 
 
@@ -276,6 +279,33 @@ class RatioRule(RuleBase):
 
 
 @dataclass(frozen=True, slots=True)
+class FloorRule(RuleBase):
+    """A cycling unit's base draw (its floor) against its own lowest at the same operating point.
+
+    Per `window_s` bucket and operating point (the value of `per`, e.g. the fan speed, in
+    steps of `per_step`; readings with `per` below `min_per` are not used), the floor is
+    the lowest value of `metric` held by two consecutive readings at that point. A bucket
+    is judged only when its peak reaches `min_swing` times its floor: the unit's big load
+    (a compressor) ran and stopped inside it, so the floor is what runs without it (the
+    fan and controls), which the weather does not move. The reference is the lowest judged
+    floor of that operating point so far; after `learn_s` from the device's first usable
+    reading, a floor more than `rise_pct` above it is the condition, and a floor back under
+    `clear_pct` resolves. `for` counts in event time across judged buckets.
+    """
+
+    kind: Literal["floor"] = "floor"
+    metric: str = "power_w"
+    per: str | None = None
+    per_step: float = 1.0
+    min_per: float = 1e-9
+    window_s: float = 3600.0
+    min_swing: float = 2.0
+    learn_s: float = 7 * 86_400.0
+    rise_pct: float = 10.0
+    clear_pct: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class GroupRule(RuleBase):
     """Per building: the main meter vs the sum of its sub-meters, on `metric`.
 
@@ -308,10 +338,10 @@ class EventRule(RuleBase):
 
 
 Rule = (ThresholdRule | RateOfChangeRule | FlatlineRule | CounterRule | NoDataRule
-        | ScheduleRule | BaselineRule | RatioRule | GroupRule | EventRule)
+        | ScheduleRule | BaselineRule | RatioRule | FloorRule | GroupRule | EventRule)
 RULE_KINDS: Final[tuple[str, ...]] = (
     "threshold", "rate_of_change", "flatline", "counter", "no_data", "schedule", "baseline",
-    "ratio", "group", "event",
+    "ratio", "floor", "group", "event",
 )
 
 

@@ -2,7 +2,8 @@
 # Installs the Debian packages the tests need, when missing: the real servers the tests
 # start on free loopback ports (mosquitto, influxdb, victoria-metrics, postgresql), mosquitto-clients
 # for the flood benchmark, socat for
-# the Modbus RTU pseudo-terminal tests, and python3-venv for the virtual environment.
+# the Modbus RTU pseudo-terminal tests, python3-venv for the virtual environment, and chromium
+# for the dashboard's browser tests (driven by Playwright, which uses Debian's binary).
 set -euo pipefail
 
 need=()
@@ -13,6 +14,7 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/n
 command -v socat >/dev/null || need+=(socat)
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

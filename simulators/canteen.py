@@ -7,6 +7,11 @@ and uploads the sales as `payment/batch` when it is back. A sale whose online at
 out is uploaded with its original txn_id: if the gateway had in fact decided it, the upload
 gets that first answer back.
 
+Going offline and coming back are announced on the terminal's retained `status` topic
+(CONTRACT.md section 1), the same message its last will carries: the gateway believes an
+offline sale only inside a period it saw the terminal offline, and a gateway that merely
+stopped answering (its link to the broker up) would otherwise never see one.
+
 Credentials come from a callback so the demo can present a card number or a phone's fresh
 QR code: `CanteenTerminal.sell(amount, lambda: Credential("qr", phone.qr()))`.
 """
@@ -35,7 +40,7 @@ from device_drivers.mqtt_protocol import device_topic
 from device_drivers.offline_sales import DEFAULT_LIMITS, OfflineExposure, OfflineLimits
 from device_drivers.tokens import parse_ble_hex, parse_qr
 from device_drivers.vocabulary import Credential
-from simulators.device_link import device_connection
+from simulators.device_link import OFFLINE, ONLINE, device_connection
 
 log = logging.getLogger(__name__)
 TERMINAL_CHANNELS = ["payment/result", "payment/batch_result"]
@@ -97,6 +102,22 @@ class CanteenTerminal:
 
     def topic(self, channel: str) -> str:
         return device_topic(self.root, self.device_id, channel)
+
+    async def _announce(self, online: bool) -> None:
+        """Say online / offline on the retained status topic; a broker that is gone too
+        will publish the last will instead, so a failure here changes nothing."""
+        if self._client is None:
+            return
+        try:
+            await self._client.publish(self.topic("status"), ONLINE if online else OFFLINE,
+                                       qos=1, retain=True)
+        except aiomqtt.MqttError:
+            log.info("%s: could not announce online=%s", self.device_id, online)
+
+    async def go_offline(self) -> None:
+        """Stop asking the gateway and sell offline from now on, and say so."""
+        self.online = False
+        await self._announce(False)
 
     async def __aenter__(self) -> CanteenTerminal:
         self._stack = contextlib.AsyncExitStack()
@@ -175,7 +196,7 @@ class CanteenTerminal:
                 self.sales.append(sale)
                 return sale
             log.warning("%s: gateway unreachable, going offline", self.device_id)
-            self.online = False
+            await self.go_offline()
             return self._sell_offline(request, cred, timed_out=True)
         return self._sell_offline(request, cred, timed_out=False)
 
@@ -200,8 +221,10 @@ class CanteenTerminal:
         return len(self._queue)
 
     async def come_online(self) -> list[dict[str, Any]]:
-        """Upload everything sold offline, in order; returns the per-txn results."""
+        """Say online again, then upload everything sold offline, in order; returns the
+        per-txn results."""
         self.online = True
+        await self._announce(True)
         results: list[dict[str, Any]] = []
         while self._queue:
             chunk = self._queue[: self.batch_size]
@@ -209,8 +232,8 @@ class CanteenTerminal:
             answer, _ = await self._ask("payment/batch", batch_id,
                                         {"batch_id": batch_id, "payments": chunk})
             if answer is None:
-                self.online = False
                 log.warning("%s: batch %s unanswered; still offline", self.device_id, batch_id)
+                await self.go_offline()
                 break
             del self._queue[: len(chunk)]
             results.extend(answer.get("results", []))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from sqlalchemy import Engine, select
 
 from api.app import create_app
 from api.context import ApiContext, JwtSettings
@@ -17,6 +18,7 @@ from api.routers import admin
 from api.services import ApiServices
 from device_drivers import tokens as c
 from device_drivers.vocabulary import Reason
+from gateway.access.audit import audit_log, verify
 from gateway.access.decision import Reader
 from gateway.access.service import AccessService
 from gateway.config import SiteConfig
@@ -34,6 +36,7 @@ READERS = [Reader("gate-north", "gate"), Reader("elev-b1-1", "elevator", buildin
 class Api:
     http: httpx.AsyncClient
     access: AccessService
+    engine: Engine
 
     async def login(self, username: str) -> dict[str, str]:
         answer = await self.http.post("/api/v1/auth/token",
@@ -72,7 +75,7 @@ async def api(database_url: str) -> AsyncIterator[Api]:
         )
         transport = httpx.ASGITransport(app=create_app(ctx, [admin.router]))
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
-            yield Api(http, access)
+            yield Api(http, access, engine)
     engine.dispose()
 
 
@@ -257,3 +260,39 @@ async def test_bad_input_is_a_4xx(api: Api) -> None:
     taken = await api.http.post("/api/v1/residents/r-2/cards", headers=staff,
                                 json={"kind": "gate", "card_number": "G-1"})
     assert taken.status_code == 409
+
+
+async def test_card_enrolment_by_staff_is_audited_and_shown_on_the_residents_page(
+    api: Api,
+) -> None:
+    staff = await api.login("staff")
+    enrolled = await api.http.post("/api/v1/residents/r-1/cards", headers=staff,
+                                   json={"kind": "canteen", "card_number": "C-ANN"})
+    assert enrolled.status_code == 201, enrolled.text
+    assert enrolled.json()["issued_by"] == "staff"
+    again = await api.http.post("/api/v1/residents/r-1/cards", headers=staff,
+                                json={"kind": "canteen", "card_number": "C-ANN"})
+    assert again.status_code == 201 and again.json()["issued_by"] == "staff"
+    # Another resident's card number, of the same kind or another: refused, and said why.
+    for kind in ("canteen", "gate"):
+        stolen = await api.http.post("/api/v1/residents/r-2/cards", headers=staff,
+                                     json={"kind": kind, "card_number": "C-ANN"})
+        assert stolen.status_code == 409, stolen.text
+        assert "belongs to another resident" in stolen.json()["detail"]
+    assert api.access.decide("canteen-1", "card", "C-ANN").resident_id == "r-1"
+
+    for headers, path in ((staff, "/api/v1/residents/r-1"),
+                          (await api.login("ann"), "/api/v1/me")):
+        profile = (await api.http.get(path, headers=headers)).json()
+        assert [(c["card_number"], c["issued_by"]) for c in profile["cards"]] == [
+            ("C-ANN", "staff")]
+        assert [(e["kind"], e["card_number"], e["actor"]) for e in profile["enrolments"]] == [
+            ("canteen", "C-ANN", "staff")]
+        assert abs(profile["enrolments"][0]["ts"] - time.time()) < 600
+    bob = (await api.http.get("/api/v1/residents/r-2", headers=staff)).json()
+    assert bob["cards"] == [] and bob["enrolments"] == []
+    with api.engine.connect() as conn:  # once, in the hash chain, with the actor
+        rows = conn.execute(select(audit_log.c.actor, audit_log.c.action,
+                                   audit_log.c.resident_id, audit_log.c.credential_ref)).all()
+        assert verify(conn).ok
+    assert rows == [("staff", "enrol_card", "r-1", "C-ANN")]

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
@@ -184,3 +185,30 @@ async def test_without_a_running_canteen_the_api_says_so(api: Api) -> None:
     response = await api.http.get("/api/v1/me/canteen", headers=await api.headers("ann"))
     assert response.status_code == 503
     assert response.json() == {"detail": "the canteen is not running"}
+
+
+async def test_reports_count_days_in_the_sites_time_zone(api: Api) -> None:
+    """A 07:30 breakfast in Asia/Shanghai is that day's, not the UTC day before it, in both
+    reports, unless `tz` asks for another zone."""
+    breakfast = datetime(2026, 3, 2, 7, 30, tzinfo=ZoneInfo("Asia/Shanghai")).timestamp()
+    assert datetime.fromtimestamp(breakfast, UTC).date().isoformat() == "2026-03-01"
+    ledger = Ledger(api.ledger.engine, clock=lambda: breakfast)
+    api.ctx.config = SiteConfig.model_validate({"site": {"id": "test",
+                                                         "timezone": "Asia/Shanghai"}})
+    api.ctx.services = ApiServices(canteen=ledger)
+    ledger.topup("r-1", 1000, "topup-breakfast")
+    assert ledger.pay("pos-1", "t-1", 700, "r-1", breakfast).approved
+    ledger.apply_batch("pos-2", "b-1", [BatchPayment("o-1", 500, Reason.REVOKED, breakfast)])
+    staff = await api.headers("staff")
+
+    async def report(query: str) -> tuple[int, list[str]]:
+        settled = (await api.http.get(f"/api/v1/canteen/settlement?{query}",
+                                      headers=staff)).json()
+        short = (await api.http.get(f"/api/v1/canteen/reconciliation?{query}",
+                                    headers=staff)).json()
+        return settled["net_cents"], [r["txn_id"] for r in short]
+
+    assert await report("date=2026-03-02") == (700, ["o-1"])  # the site's day
+    assert await report("date=2026-03-01") == (0, [])
+    assert await report("date=2026-03-01&tz=UTC") == (700, ["o-1"])
+    assert await report("date=2026-03-02&tz=UTC") == (0, [])

@@ -591,3 +591,68 @@ def test_test_broker_queues_readings_across_a_gateway_and_broker_restart(
     received = got.stdout.decode().splitlines()
     assert len(received) == 20_000, got.stderr
     assert received == lines.splitlines()  # all of them, in order
+
+
+# --- issue 11: offline-window slack and the audit log's spill and sync ----------------------
+
+
+def test_trust_keys_default_and_parse(tmp_path: Path) -> None:
+    config = parse_config(f"site: {{id: s}}\ndatabase: {{url: 'sqlite:///{tmp_path}/g.db'}}\n",
+                          environ={})
+    assert config.canteen.offline_window_slack_s == 120.0
+    assert config.audit.fsync_each_commit is False
+    assert config.audit_spill_directory == tmp_path / "spool" / "audit-spill"
+    set_ = parse_config("site: {id: s}\ncanteen:\n  offline_window_slack_s: 30\naudit:\n"
+                        f"  spill_dir: {tmp_path}/spill\n  fsync_each_commit: true\n",
+                        environ={"SCGW__CANTEEN__OFFLINE_WINDOW_SLACK_S": "45"})
+    assert set_.canteen.offline_window_slack_s == 45.0  # the environment wins
+    assert set_.audit_spill_directory == tmp_path / "spill"
+    assert set_.audit.fsync_each_commit is True
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("canteen:\n  offline_window_slack_s: -1\n", "line 3: canteen.offline_window_slack_s: Input"
+     " should be greater than or equal to 0 (got -1)"),
+    ("canteen:\n  offline_window_slack_s: 7200\n", "line 3: canteen.offline_window_slack_s:"
+     " Input should be less than or equal to 3600 (got 7200)"),
+    ("audit:\n  spill_dir: ''\n", "line 3: audit.spill_dir: a directory path (or leave the key"
+     " out: beside the spool)"),
+    ("audit:\n  fsync_each_commit: often\n", "line 3: audit.fsync_each_commit: Input should be"
+     " a valid boolean, unable to interpret input (got 'often')"),
+    ("audit:\n  spill: /tmp\n", "line 3: audit.spill: unknown key (check its spelling and"
+     " indentation)"),
+])
+def test_bad_trust_values_name_key_and_line(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("site: {id: s}\n" + text, environ={})
+    assert info.value.problems == [expected]
+
+
+def test_check_config_refuses_an_audit_spill_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file")
+    site = tmp_path / "site.yaml"
+    site.write_text(f"site: {{id: s}}\ndatabase: {{url: 'sqlite:///{tmp_path}/g.db'}}\n"
+                    f"audit:\n  spill_dir: {tmp_path}/taken\n")
+    result = CliRunner().invoke(app, ["check-config", str(site)])
+    assert result.exit_code == 1
+    assert (f"line 4: audit.spill_dir: the audit spill directory '{tmp_path}/taken' exists and"
+            " is not a directory") in result.output
+
+
+def test_trust_keys_reach_the_components(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine
+
+    from gateway.access.audit import AuditLog
+    from gateway.canteen.offline_windows import OfflineWindows
+
+    config = parse_config("site: {id: s}\ncanteen:\n  offline_window_slack_s: 30\naudit:\n"
+                          f"  spill_dir: {tmp_path}/spill\n  fsync_each_commit: true\n",
+                          environ={})
+    engine = create_engine(f"sqlite:///{tmp_path}/g.db")
+    try:
+        audit = AuditLog.from_config(engine, config)
+        assert audit.fsync_each_commit is True
+        assert audit._spill is not None and audit._spill.path.parent == tmp_path / "spill"
+        assert OfflineWindows.from_config(engine, config).slack_s == 30.0
+    finally:
+        engine.dispose()

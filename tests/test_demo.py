@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +163,167 @@ async def test_demo_with_the_embedded_broker_requires_logins_too(tmp_path: Path)
         log = await _stop(proc)
     assert "amqtt broker" in log and "anonymous clients refused" in log
     assert "enabled" in log  # the simulators logged in through the embedded broker
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a live process (a zombie counts as gone: it has stopped)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _broker_pid(data_dir: Path) -> int:
+    """The demo's Mosquitto: the process running the demo's generated configuration."""
+    conf = str(data_dir / "mqtt" / "mosquitto.conf")
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if conf.encode() in argv:
+                return int(entry.name)
+    raise AssertionError(f"no mosquitto runs {conf}")
+
+
+async def _start_in_own_session(
+    tmp_path: Path, log: Path, stale: dict[str, Any] | None = None,
+) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    """`scgw demo` as a terminal's foreground job: its own process group, so that a SIGINT
+    to the group reaches the demo and every child it did not detach, like Ctrl-C does.
+    `stale`: a killed demo's demo.json, still there until the new demo replaces it.
+    Output goes to `log`, not a pipe: a pipe would stay open as long as any descendant
+    lives, and whether one outlives the demo is what these tests look at."""
+    scgw = shutil.which("scgw", path=str(Path(sys.executable).parent))
+    assert scgw is not None
+    with log.open("ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            scgw, "demo", "--data-dir", str(tmp_path), "--port", "0",
+            stdout=out, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+        )
+    demo_json = tmp_path / "demo.json"
+    async with asyncio.timeout(120):
+        while (demo := _read_demo_json(demo_json)) is None or demo == stale:
+            if proc.returncode is not None:
+                raise AssertionError(f"the demo stopped: {log.read_text()[-3000:]}")
+            await asyncio.sleep(0.1)
+    return proc, demo
+
+
+def _holding(directory: Path) -> list[int]:
+    """Processes with a file under `directory` open."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:  # gone meanwhile
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:  # closed meanwhile
+                continue
+            if target.startswith(f"{directory}/"):
+                pids.append(int(entry.name))
+                break
+    return pids
+
+
+def _read_demo_json(path: Path) -> dict[str, Any] | None:
+    try:
+        demo: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet, or being written
+        return None
+    return demo
+
+
+def _after_the_signal(text: str) -> str:
+    """What the demo printed from the moment it was told to stop."""
+    start = text.find("gateway.app.runtime: stopping")
+    assert start >= 0, text[-3000:]
+    return text[start:]
+
+
+async def _second_demo(data_dir: Path) -> tuple[int, str]:
+    scgw = shutil.which("scgw", path=str(Path(sys.executable).parent))
+    assert scgw is not None
+    second = await asyncio.create_subprocess_exec(
+        scgw, "demo", "--data-dir", str(data_dir), "--port", "0",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, errs = await asyncio.wait_for(second.communicate(), 60)
+    finally:
+        if second.returncode is None:
+            second.kill()
+            await second.wait()
+    assert second.returncode is not None
+    return second.returncode, (out + errs).decode()
+
+
+async def test_a_second_demo_refuses_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    """Issue 13: a second demo in the same directory re-migrated the running one's database;
+    Ctrl-C printed a page of ExceptionGroup because Mosquitto got the SIGINT too."""
+    require(mosquitto_binary() is not None, "mosquitto")
+    log = tmp_path.parent / f"{tmp_path.name}.log"
+    proc, demo = await _start_in_own_session(tmp_path, log)
+    try:
+        broker_pid = _broker_pid(tmp_path)
+        db_file = tmp_path / "demo.db"
+        inode = db_file.stat().st_ino
+
+        code, text = await _second_demo(tmp_path)
+        assert code != 0
+        assert text.strip().splitlines() == [
+            f"scgw demo: another demo (pid {proc.pid}) is running in {tmp_path}; stop it or "
+            "pass another --data-dir"]
+        assert db_file.stat().st_ino == inode  # the running demo's database was not touched
+        async with httpx.AsyncClient(base_url=demo["api"], timeout=10) as http:
+            await _resident(http, demo)  # the first demo still serves
+
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+        started = time.monotonic()
+        await asyncio.wait_for(proc.wait(), 30)
+        elapsed = time.monotonic() - started
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    tail = _after_the_signal(log.read_text())
+    assert proc.returncode == 0, tail[-3000:]
+    assert "Traceback" not in tail and "ExceptionGroup" not in tail, tail[-3000:]
+    assert tail.rstrip().endswith("scgw demo stopped")
+    assert not _alive(broker_pid)  # the demo stopped its broker itself
+    print(f"demo stopped {elapsed:.2f} s after SIGINT")  # measured, see docs/benchmarks.md
+
+
+async def test_a_killed_demo_leaves_no_lock_behind(tmp_path: Path) -> None:
+    """flock, not a pid file: kill -9 drops the lock, and the broker goes with the demo."""
+    require(mosquitto_binary() is not None, "mosquitto")
+    first_log = tmp_path.parent / f"{tmp_path.name}-first.log"
+    again_log = tmp_path.parent / f"{tmp_path.name}-again.log"
+    proc, first = await _start_in_own_session(tmp_path, first_log)
+    again: asyncio.subprocess.Process | None = None
+    try:
+        broker_pid = _broker_pid(tmp_path)
+        proc.kill()
+        await proc.wait()
+        async with asyncio.timeout(30):
+            while _alive(broker_pid):  # the kernel's parent-death signal
+                await asyncio.sleep(0.1)
+        again, _ = await _start_in_own_session(tmp_path, again_log, stale=first)
+        again.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(again.wait(), 30)
+        tail = _after_the_signal(again_log.read_text())
+        assert again.returncode == 0, tail[-3000:]
+        assert "Traceback" not in tail and tail.rstrip().endswith("scgw demo stopped")
+    finally:
+        for p in (proc, again):
+            if p is not None and p.returncode is None:
+                p.kill()
+                await p.wait()
+        for pid in _holding(tmp_path):  # what the killed demo left running (by pid)
+            os.kill(pid, signal.SIGKILL)

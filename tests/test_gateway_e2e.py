@@ -113,6 +113,14 @@ async def test_resident_gets_a_token_and_remote_unlocks_through_the_api(
             auth = {"Authorization": f"Bearer {login.json()['access_token']}"}
             token = await http.post("/api/v1/me/access-token", headers=auth)
             assert token.status_code == 200, token.text
+            # What the app offers: exactly the readers a remote action would be granted at.
+            mine = await http.get("/api/v1/me/devices", headers=auth)
+            assert mine.status_code == 200, mine.text
+            offered = {d["device_id"]: d for d in mine.json()}
+            assert offered["gate-south"]["kind"] == "gate"
+            for device in mine.json():
+                if device["kind"] == "elevator":
+                    assert device["floors"], device
             async with (
                 _reader(mosquitto, run, "gate-north", "gate") as gate,
                 aiomqtt.Client(mosquitto.host, mosquitto.port) as observer,

@@ -58,6 +58,34 @@ async def test_engineer_sees_and_controls_a_fresh_air_unit(
         bad_body = await http.post("/api/v1/devices/erv-1/set", headers=auth,
                                    json={"values": {"fan_speed_pct": "fast"}})
         assert bad_body.status_code == 422
+        # An integer register refuses a fraction instead of rounding it (1.5 is not 2).
+        before = sim.unit(port).values()["bypass_mode"]
+        fraction = await http.post("/api/v1/devices/erv-1/set", headers=auth,
+                                   json={"values": {"bypass_mode": 1.5}})
+        assert fraction.status_code == 422 and "bypass_mode" in fraction.json()["detail"]
+        assert sim.unit(port).values()["bypass_mode"] == before  # nothing was sent
+
+        # The control form's source: the writable registers only, with their limits.
+        registers = await http.get("/api/v1/devices/erv-1/registers", headers=auth)
+        assert registers.status_code == 200, registers.text
+        by_name = {r["name"]: r for r in registers.json()}
+        assert set(by_name) == {"running", "fan_speed_pct", "bypass_mode"}
+        assert by_name["bypass_mode"]["values"] == [0, 1, 2]
+        assert by_name["running"]["values"] == [0, 1]
+        fan = by_name["fan_speed_pct"]
+        assert (fan["unit"], fan["min"], fan["max"], fan["step"]) == ("%", 0, 100, 1)
+        assert fan["data_type"] == "uint16" and fan["values"] is None
+        gate = await http.get("/api/v1/devices/gate-north/registers", headers=auth)
+        assert gate.status_code == 200 and gate.json() == []
+        nobody = await http.get("/api/v1/devices/nope/registers", headers=auth)
+        assert nobody.status_code == 404 and nobody.json() == {"detail": "no device 'nope'"}
+
+        # A polled unit is online with a last-seen time, like any MQTT device.
+        devices = {d["device_id"]: d for d in
+                   (await http.get("/api/v1/devices", headers=auth)).json()}
+        assert devices["erv-1"]["online"] is True
+        assert devices["erv-1"]["last_seen"] is not None
+        assert all(isinstance(d["online"], bool) for d in devices.values())
 
         resident = run.login("resident")
         login = await http.post("/api/v1/auth/token", data={

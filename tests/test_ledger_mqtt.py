@@ -222,9 +222,9 @@ async def test_terminals_over_mqtt_pay_exactly_once_through_losses_and_an_outage
     limits = OfflineLimits(per_card_cents=2000, per_terminal_cents=100_000)
     async with (
         gateway(mosquitto, root, gw),
-        CanteenTerminal(mosquitto.host, mosquitto.port, "pos-1", root=root, timeout_s=0.3,
+        CanteenTerminal(mosquitto.host, mosquitto.port, "pos-1", root=root, timeout_s=1.5,
                         limits=limits) as pos1,
-        CanteenTerminal(mosquitto.host, mosquitto.port, "pos-2", root=root, timeout_s=0.3,
+        CanteenTerminal(mosquitto.host, mosquitto.port, "pos-2", root=root, timeout_s=1.5,
                         limits=limits) as pos2,
     ):
         stats = await lunch_hour([pos1, pos2], customers, rate_per_s=30, duration_s=1.0,

@@ -408,3 +408,47 @@ async def test_a_real_tls_listener_with_a_self_signed_ca(tmp_path: Path) -> None
                 pass
     finally:
         broker.close()
+
+
+# ---- the bridge to a central broker (docs/scale.md; end to end in test_scale_bridge.py) --
+
+DEPLOY_BRIDGE = DEPLOY_MOSQUITTO.parent / "bridge.conf.example"
+
+
+def test_the_shipped_bridge_example_is_what_the_generator_writes(tmp_path: Path) -> None:
+    from gateway.app.mqtt_bridge import BridgeSettings, bridge_conf_text
+
+    example = [line for line in DEPLOY_BRIDGE.read_text().splitlines()
+               if not line.startswith("# Example") and not line.startswith("# (docs/")
+               and not line.startswith("# the generator")]
+    generated = bridge_conf_text(
+        BridgeSettings("central.example.net", 8883, "site-maple-court",
+                       "CENTRAL_PASSWORD_HERE", cafile=Path("/etc/scgw/central-ca.crt")),
+        "scgw", "maple-court").splitlines()
+    assert example == generated
+
+
+def test_bridge_password_from_the_environment_and_mqtt5(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    site = site_file(tmp_path)
+    code, output = mqtt_config("--config", site, "--out", out, "--bridge-to",
+                               "central.example.net:8883", "--bridge-username", "site-acme",
+                               "--bridge-protocol", "mqttv50",
+                               env={"SCGW_BRIDGE_PASSWORD": "from-the-env"})
+    assert code == 0, output
+    assert "from-the-env" not in output
+    bridge = (out / "bridge.d" / "bridge.conf").read_text().splitlines()
+    assert "remote_password from-the-env" in bridge
+    assert "bridge_protocol_version mqttv50" in bridge
+    assert "topic alerts/# out 1 acme/ sites/acme/" in bridge
+    # No password anywhere: refused, and nothing half-written is left behind.
+    code, output = mqtt_config("--config", site, "--out", tmp_path / "none", "--bridge-to",
+                               "central.example.net:8883", "--bridge-username", "site-acme",
+                               env={"SCGW_BRIDGE_PASSWORD": ""})
+    assert code == 2 and "SCGW_BRIDGE_PASSWORD" in output
+    (tmp_path / "spaced").write_text("two words\n")
+    code, output = mqtt_config("--config", site, "--out", tmp_path / "none", "--bridge-to",
+                               "central.example.net:8883", "--bridge-username", "site-acme",
+                               "--bridge-password-file", tmp_path / "spaced")
+    assert code == 2 and "spaces" in output
+    assert not (tmp_path / "none").exists()

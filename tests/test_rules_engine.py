@@ -3,6 +3,7 @@ messages, output order and the live deadman."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import pytest
@@ -256,6 +257,20 @@ def test_counter_jump_compares_with_the_energy_the_power_explains() -> None:
     (fired,) = run([COUNTER], [meter(0, 100.0), meter(10, 125.1)])
     assert "jump" in fired.message
     assert run([COUNTER], [meter(0, 100.0, None), meter(10, 900.0, None)]) == []
+
+
+def test_counter_max_power_scales_the_allowance_with_the_gap() -> None:
+    """A unit reading standby at both ends may have run at up to max_power in between:
+    7200 W for 10 s is 20 Wh, + 5 = 25 Wh; over a 100 s gap, 205 Wh."""
+    rule = dataclasses.replace(COUNTER, max_power=7200.0)
+    assert run([rule], [meter(0, 100.0, 0.0), meter(10, 125.0, 0.0)]) == []
+    assert brief(run([rule], [meter(0, 100.0, 0.0), meter(10, 125.1, 0.0)])) == [
+        ("firing", 10.0)]
+    assert run([rule], [meter(0, 100.0, 0.0), meter(100, 305.0, 0.0)]) == []
+    assert brief(run([rule], [meter(0, 100.0, 0.0), meter(100, 305.1, 0.0)])) == [
+        ("firing", 100.0)]
+    # the power readings still count where they explain more: 2 x 36 kW x 10 s = 200 Wh
+    assert run([rule], [meter(0, 100.0, 36_000.0), meter(10, 305.0, 36_000.0)]) == []
 
 
 def test_counter_power_mean_spans_the_readings_between_counter_readings() -> None:

@@ -10,16 +10,21 @@ from hypothesis import strategies as st
 
 from rules.columns import ReadingColumns
 from rules.engine import Engine
+from rules.model import Rule
+from tests.test_rules_engine_floor import FLOOR_RULES
 from tests.test_rules_engine_reference import Item, Row
 from tests.test_rules_engine_streams import (
     RELAXED,
-    RULES,
     SITE,
     canonical,
     only_readings,
     rows,
     streams,
 )
+from tests.test_rules_engine_streams import RULES as KIND_RULES
+
+RULES: tuple[Rule, ...] = (*KIND_RULES, *FLOOR_RULES)
+"""Every kind, the floor rules (tests/test_rules_engine_floor.py) included."""
 
 
 def cuts(n: int) -> st.SearchStrategy[list[int]]:

@@ -271,6 +271,8 @@ class Reference:
             if power:
                 mean_w = sum(power) / len(power) / 1000.0
                 explained = rule.jump_factor * mean_w * (r.ts - t_prev) / 3600.0
+                if rule.max_power is not None:
+                    explained = max(explained, rule.max_power * (r.ts - t_prev) / 3600.0)
                 jump = delta > explained + rule.jump_margin
             if (down and not roll) or jump:
                 if not s.life.firing:

@@ -55,6 +55,8 @@ RULES: tuple[Rule, ...] = (
                  tolerance=0.5, ignore_below=1.0, for_s=10.0),
     CounterRule(id="counter", match=METERS, counter_max=10_000.0, jump_margin=5.0,
                 clear_after_s=300.0),
+    CounterRule(id="counter-gap", match=METERS, counter_max=10_000.0, jump_margin=5.0,
+                max_power=3000.0, clear_after_s=300.0),
     NoDataRule(id="silent", match=Match(), timeout_s=600.0),
     NoDataRule(id="silent-temp", match=HVAC, metric="temperature_c", timeout_s=300.0),
     ScheduleRule(id="after-hours", match=Match(), metric="power_w", above=1000.0,

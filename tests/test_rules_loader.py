@@ -33,6 +33,7 @@ from rules.model import (
     CounterRule,
     EventRule,
     FlatlineRule,
+    FloorRule,
     GroupRule,
     Match,
     NoDataRule,
@@ -84,7 +85,7 @@ BAD_FILES = [
             metric: power_w
             above: 1
             window: 5m   #<
-        """, "rule 'hot'", "window", "window is a key of flatline, ratio, group rules"),
+        """, "rule 'hot'", "window", "window is a key of flatline, ratio, floor, group rules"),
     ("text where a number belongs", """
         rules:
           - id: hot
@@ -240,7 +241,7 @@ BAD_FILES = [
             kind: thresold   #<
         """, "rule 'hot'", "kind",
      "unknown kind; expected one of threshold, rate_of_change, flatline, counter, no_data, "
-     "schedule, baseline, ratio, group, event; found 'thresold' (text) (did you mean "
+     "schedule, baseline, ratio, floor, group, event; found 'thresold' (text) (did you mean "
      "'threshold'?)"),
     ("no kind", """
         rules:
@@ -467,6 +468,55 @@ BAD_FILES = [
             denominator: fan_speed_pct
             fall_pct: 100   #<
         """, "rule 'clog'", "fall_pct", "expected less than 100; found 100"),
+    ("a counter whose most power is none", """
+        rules:
+          - id: counter
+            kind: counter
+            max_power: 0   #<
+        """, "rule 'counter'", "max_power", "expected more than 0; found 0"),
+    ("a floor that cannot resolve", """
+        rules:
+          - id: wear
+            kind: floor
+            metric: power_w
+            rise_pct: 8
+            clear_pct: 9   #<
+        """, "rule 'wear'", "clear_pct", "expected at most rise_pct (8)"),
+    ("a floor whose operating point is the watched metric", """
+        rules:
+          - id: wear
+            kind: floor
+            metric: power_w
+            per: power_w   #<
+        """, "rule 'wear'", "per", "the metric that sets the operating point"),
+    ("a floor without its metric", """
+        rules:
+          - id: wear   #<
+            kind: floor
+            per: fan_speed_pct
+        """, "rule 'wear'", "metric", "required key is missing"),
+    ("a floor swing below 1", """
+        rules:
+          - id: wear
+            kind: floor
+            metric: power_w
+            min_swing: 0.5   #<
+        """, "rule 'wear'", "min_swing", "expected 1 or more; found 0.5"),
+    ("a floor step of 0", """
+        rules:
+          - id: wear
+            kind: floor
+            metric: power_w
+            per: fan_speed_pct
+            per_step: 0   #<
+        """, "rule 'wear'", "per_step", "expected more than 0; found 0"),
+    ("a floor per a metric name that is not one", """
+        rules:
+          - id: wear
+            kind: floor
+            metric: power_w
+            per: Fan-Speed   #<
+        """, "rule 'wear'", "per", "Fan-Speed"),
     ("a group whose main selects every device", """
         rules:
           - id: balance
@@ -694,6 +744,20 @@ rules:
     clear_after: 15m
     severity: critical
     message: "{device_id}: {rule_id}"
+  - id: wear
+    kind: floor
+    match: {kinds: [hvac]}
+    metric: power_w
+    per: fan_speed_pct
+    per_step: 10
+    min_per: 1
+    window: 2h
+    min_swing: 3
+    learn: 2d
+    rise_pct: 8
+    clear_pct: 5
+    for: 2h
+    message: "{device_id}: {pct:.0f} % over {reference:.0f}"
 """
 
 
@@ -746,6 +810,11 @@ def test_good_rules_of_every_kind_become_their_dataclasses() -> None:
         id="forced", source="site-rules.yaml:84", match=Match(kinds=frozenset({"gate"})),
         events=frozenset({"door_forced", "tamper"}), clear_events=frozenset({"door_closed"}),
         clear_after_s=900.0, severity="critical", message="{device_id}: {rule_id}")
+    assert rules["wear"] == FloorRule(
+        id="wear", source="site-rules.yaml:92", match=Match(kinds=frozenset({"hvac"})),
+        metric="power_w", per="fan_speed_pct", per_step=10.0, min_per=1.0, window_s=7200.0,
+        min_swing=3.0, learn_s=172800.0, rise_pct=8.0, clear_pct=5.0, for_s=7200.0,
+        message="{device_id}: {pct:.0f} % over {reference:.0f}")
 
 
 def test_templates_may_use_what_the_engine_offers() -> None:

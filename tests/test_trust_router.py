@@ -89,6 +89,18 @@ async def test_what_a_device_of_its_kind_never_sends_is_refused_and_counted(
             assert (await gate.present("card", alice.cards["gate"]))["granted"]
         await asyncio.sleep(0.3)
         assert refused(run, "gate", "access/decision", "not_from_gateway") == 1
+        # The same answer sent twice (a terminal retrying a txn is answered again, byte for
+        # byte) comes back twice: both echoes are the gateway's own, a third is not.
+        router = run.gateway.router
+        topic = f"{root}/devices/canteen-1/payment/result"
+        again = b'{"txn_id": "t-1", "approved": true, "balance_cents": 100}'
+        router.note_outgoing(topic, again)
+        router.note_outgoing(topic, again)
+        await router.on_message(topic, again)
+        await router.on_message(topic, again)
+        assert refused(run, "canteen", "payment/result", "not_from_gateway") == 1
+        await router.on_message(topic, again)
+        assert refused(run, "canteen", "payment/result", "not_from_gateway") == 2
         lines = [line for line in run.gateway.metrics.render().splitlines()
                  if line.startswith("scgw_mqtt_refused_total{")]
         assert lines and not any("gate-" in line or "meter-x" in line for line in lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 
 from aiomqtt import MqttError
 from fastapi import APIRouter, HTTPException, status
@@ -39,6 +40,28 @@ class CallFloorIn(BaseModel):
     floor: int = Field(ge=-20, le=300)
 
 
+class PermittedDeviceOut(BaseModel):
+    device_id: str
+    kind: str
+    floors: list[int] | None = None  # elevators: the floors a call may ask for, right now
+
+
+@router.get("/me/devices", response_model=list[PermittedDeviceOut],
+            responses=errors(401, 403, 503))
+async def my_devices(user: Resident, access: Access) -> list[PermittedDeviceOut]:
+    """The gates the resident may open and the elevators it may call now, decided by the
+    same rules as a remote unlock (schedules included), so the app offers only what works."""
+    assert user.resident_id is not None
+    now = time.time()
+    permitted = []
+    for device_id, kind in sorted(access.remote_readers().items()):
+        decision = access.check_remote(user.resident_id, device_id, now)
+        if decision.granted:
+            floors = list(decision.floors) if decision.floors is not None else None
+            permitted.append(PermittedDeviceOut(device_id=device_id, kind=kind, floors=floors))
+    return permitted
+
+
 @router.post("/me/access-token", response_model=AccessTokenOut,
              responses=errors(401, 403, 409, 503))
 async def access_token(user: Resident, access: Access) -> AccessTokenOut:
@@ -53,17 +76,57 @@ async def access_token(user: Resident, access: Access) -> AccessTokenOut:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Called:
+    """An elevator call as audited: the floor actually called, or the refusal of a floor
+    the resident may not reach, over the service's decision for the car."""
+
+    decision: RemoteDecision
+    granted: bool = True
+    action: str = "enable_floors"
+    reason: str | None = None
+    floors: tuple[int, ...] | None = None
+
+    @property
+    def resident_id(self) -> str | None:
+        return self.decision.resident_id
+
+    @property
+    def credential_ref(self) -> str | None:
+        return self.decision.credential_ref
+
+    @property
+    def credential_type(self) -> str | None:
+        return self.decision.credential_type
+
+    @property
+    def visitor_pass_id(self) -> str | None:
+        return self.decision.visitor_pass_id
+
+    @property
+    def duration_s(self) -> int:
+        return self.decision.duration_s
+
+
 def _device(ctx: Ctx, device_id: str, kind: str) -> None:
     device = ctx.config.device(device_id)
     if device is None or device.kind != kind:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no {kind} named {device_id!r}")
 
 
-def _audit(ctx: Ctx, device_id: str, decision: RemoteDecision, command_id: str) -> None:
-    """Remote opens are decisions too: they go into the same hash-chained audit log."""
+async def _audit(ctx: Ctx, device_id: str, decision: RemoteDecision, command_id: str) -> None:
+    """Remote opens are decisions too: they go into the same hash-chained audit log, and a
+    grant is written there (or to the audit's spill file when the store is down) before
+    its command is published, so no door opens that the log does not hold. A refusal
+    opens nothing and is only queued."""
     audit = ctx.services.audit
     device = ctx.config.device(device_id)
-    if audit is not None and device is not None:
+    if audit is None or device is None:
+        return
+    if decision.granted:
+        await audit.record_decision_durably(device_id, device.kind, decision, time.time(),
+                                            command_id)
+    else:
         audit.record_decision(device_id, device.kind, decision, time.time(), command_id)
 
 
@@ -89,7 +152,7 @@ async def unlock_gate(ctx: Ctx, user: Resident, access: Access, device_id: Devic
     assert user.resident_id is not None
     decision = access.check_remote(user.resident_id, device_id, time.time())
     command_id = f"c-{secrets.token_hex(8)}"
-    _audit(ctx, device_id, decision, command_id)
+    await _audit(ctx, device_id, decision, command_id)
     if not decision.granted:
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail=decision.reason)
     duration = decision.duration_s
@@ -110,11 +173,14 @@ async def call_elevator(
     assert user.resident_id is not None
     decision = access.check_remote(user.resident_id, device_id, time.time())
     command_id = f"c-{secrets.token_hex(8)}"
-    _audit(ctx, device_id, decision, command_id)
+    if decision.granted and body.floor not in (decision.floors or ()):
+        decision = _Called(decision, granted=False, action="none", reason="not_permitted",
+                           floors=None)
+    elif decision.granted:
+        decision = _Called(decision, floors=(body.floor,))  # the log says which floor
+    await _audit(ctx, device_id, decision, command_id)
     if not decision.granted:
         raise HTTPException(status.HTTP_403_FORBIDDEN, detail=decision.reason)
-    if body.floor not in (decision.floors or ()):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail="not_permitted")
     await _send(ctx, device_id, {"action": "call_floor", "floor": body.floor}, command_id)
     return CommandAccepted(
         command_id=command_id, device_id=device_id, action="call_floor", floor=body.floor

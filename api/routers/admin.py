@@ -39,6 +39,7 @@ from api.routers.admin_schemas import (
     CredentialIn,
     CredentialOut,
     EnrolledOut,
+    EnrolmentOut,
     GroupIn,
     GroupOut,
     GroupPatch,
@@ -58,6 +59,7 @@ from api.routers.admin_schemas import (
     group_out,
     issued_out,
 )
+from gateway.access.enrolment import card_enrolments, issue_card_audited
 from gateway.store import directory as d
 from gateway.store.users import Role, User
 
@@ -151,13 +153,18 @@ def _enrol(ctx: Ctx, resident_id: str, label: str) -> Callable[[Connection], d.E
 
 def _profile(conn: Connection, resident_id: str) -> ProfileOut:
     resident = d.get_resident(conn, resident_id)
+    enrolments = card_enrolments(conn, resident_id)
+    issued_by = {(e.kind, e.card_number): e.actor for e in enrolments}
     return ProfileOut(
         resident=ResidentOut.model_validate(resident),
         unit=UnitOut.model_validate(d.get_unit(conn, resident.unit_id)),
-        cards=[CardOut.model_validate(c) for c in d.list_cards(conn, resident_id)],
+        cards=[CardOut.model_validate(c).model_copy(
+            update={"issued_by": issued_by.get((c.kind, c.card_number))})
+               for c in d.list_cards(conn, resident_id)],
         credentials=[CredentialOut.model_validate(c)
                      for c in d.list_phone_credentials(conn, resident_id)],
         groups=[g.group_id for g in d.list_access_groups(conn, resident_id)],
+        enrolments=[EnrolmentOut.model_validate(e) for e in enrolments],
     )
 
 
@@ -222,9 +229,16 @@ async def move_out(ctx: Ctx, _: Staff, resident_id: ResidentId) -> ResidentOut:
 
 @router.post("/residents/{resident_id}/cards", status_code=CREATED, response_model=CardOut,
              responses=WRITE)
-async def issue_card(ctx: Ctx, _: Staff, resident_id: ResidentId, body: CardIn) -> CardOut:
-    return CardOut.model_validate(await _run(ctx, lambda c: d.issue_card(
-        c, resident_id, body.kind, body.card_number), write=True))
+async def issue_card(ctx: Ctx, user: Staff, resident_id: ResidentId, body: CardIn) -> CardOut:
+    """Audited with the staff user as actor, in the card's own transaction. A number another
+    resident already holds (any kind) is a 409: cards are never shared or moved."""
+    def issue(conn: Connection) -> CardOut:
+        card = issue_card_audited(conn, resident_id, body.kind, body.card_number,
+                                  actor=user.username)
+        actor = next((e.actor for e in card_enrolments(conn, resident_id)
+                      if (e.kind, e.card_number) == (card.kind, card.card_number)), None)
+        return CardOut.model_validate(card).model_copy(update={"issued_by": actor})
+    return await _run(ctx, issue, write=True)
 
 
 @router.post("/cards/{kind}/{card_number}/revoke", response_model=CardOut, responses=ONE)

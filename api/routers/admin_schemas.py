@@ -147,6 +147,18 @@ class CardOut(_FromStore):
     resident_id: str
     issued_at: float
     revoked_at: float | None
+    issued_by: str | None = Field(
+        default=None, description="the staff user who enrolled it through the API (audited); "
+        "null for cards imported or enrolled before enrolments were audited")
+
+
+class EnrolmentOut(_FromStore):
+    """A card enrolment as the hash-chained audit log holds it."""
+
+    kind: str
+    card_number: str
+    actor: str | None = Field(description="the staff user who enrolled the card")
+    ts: float
 
 
 class CredentialOut(_FromStore):
@@ -187,6 +199,8 @@ class ProfileOut(BaseModel):
     cards: list[CardOut]
     credentials: list[CredentialOut]
     groups: list[str] = Field(description="ids of the access groups the resident is in")
+    enrolments: list[EnrolmentOut] = Field(
+        default_factory=list, description="card enrolments by staff, from the audit log")
 
 
 class GroupOut(BaseModel):

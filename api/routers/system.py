@@ -36,10 +36,21 @@ class PrometheusText(PlainTextResponse):
 _DASHBOARD = FilePath(__file__).parents[1] / "static" / "dashboard.html"
 
 
+# The page loads only its own files: no inline script, nothing from elsewhere. Inline
+# styles are allowed (they run no code; the chart library sizes its canvas with them).
+DASHBOARD_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def dashboard() -> HTMLResponse:
     """The web dashboard: a static page that talks to this API with the user's token."""
-    return HTMLResponse(_DASHBOARD.read_text(encoding="utf-8"))
+    return HTMLResponse(_DASHBOARD.read_text(encoding="utf-8"), headers={
+        "Content-Security-Policy": DASHBOARD_CSP, "Cache-Control": "no-cache",
+        "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
 
 class HealthOut(BaseModel):
@@ -113,8 +124,8 @@ class DeviceOut(BaseModel):
     kind: str
     name: str
     building: str | None
-    online: bool | None
-    last_seen: float | None
+    online: bool  # MQTT devices: their status; polled units: the poller's health
+    last_seen: float | None  # None only for a device not heard from since the start
 
 
 @router.get("/api/v1/devices", response_model=list[DeviceOut], responses=errors(401, 403))
@@ -128,7 +139,7 @@ async def list_devices(ctx: Ctx, _user: StaffOrEngineer) -> list[DeviceOut]:
                 kind=device.kind,
                 name=device.name,
                 building=device.building,
-                online=None if state is None else state.online,
+                online=bool(state is not None and state.online),
                 last_seen=None if state is None else state.last_seen,
             )
         )
@@ -144,10 +155,14 @@ class LatestOut(BaseModel):
 
 @router.get("/api/v1/devices/{device_id}/latest", response_model=LatestOut,
             responses=errors(401, 403, 404, 422, 503))
-async def latest_reading(_user: StaffOrEngineer, latest: Latest, device_id: DeviceId) -> LatestOut:
+async def latest_reading(ctx: Ctx, _user: StaffOrEngineer, latest: Latest,
+                         device_id: DeviceId) -> LatestOut:
     """The newest value of every metric the device reported (Modbus poll or MQTT telemetry)."""
+    if ctx.config.device(device_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no device {device_id!r}")
     reading = latest.get(device_id)
     if reading is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no readings from {device_id!r}")
+        raise HTTPException(status.HTTP_404_NOT_FOUND,
+                            detail=f"no readings from {device_id!r} yet")
     return LatestOut(device_id=reading.device_id, kind=reading.kind, ts=reading.ts,
                      metrics=dict(reading.metrics))

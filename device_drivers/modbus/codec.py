@@ -153,6 +153,14 @@ def to_raw(register: Register, value: float) -> int | float:
     return raw
 
 
+def off_step(register: Register, value: float) -> bool:
+    """Whether an integer register would store another value than `value` (mode 1.5 as 2)."""
+    if register.data_type in ("float32", "bool"):
+        return False
+    exact = (value - register.offset) / register.scale
+    return abs(round(exact) - exact) > 1e-6 * max(1.0, abs(exact))
+
+
 def decode(register: Register, payload: Sequence[int] | Sequence[bool]) -> float:
     """One register's slice of a read -> its engineering value."""
     if register.input_type in BIT_TABLES:
@@ -191,6 +199,9 @@ def write_problems(register: Register, value: float) -> list[str]:
         return [f"{name}: {value:g} is below the minimum {register.min:g}"]
     if register.max is not None and value > register.max:
         return [f"{name}: {value:g} is above the maximum {register.max:g}"]
+    if off_step(register, value):  # refused, not rounded: a write stores what was asked
+        return [f"{name}: {value:g} is not a whole number of steps of {register.scale:g} "
+                f"({register.data_type})"]
     try:
         encode(register, value)
     except CodecError as exc:

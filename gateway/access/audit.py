@@ -53,7 +53,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from sqlalchemy import (
     BigInteger,
@@ -82,6 +82,9 @@ from gateway.access.presence import HEARTBEAT_S, gateway_uptime
 from gateway.access.spent import ClaimOutcome, TokenClaim
 from gateway.store.db import read_engine
 from gateway.store.metadata import metadata
+
+if TYPE_CHECKING:
+    from gateway.config import SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -513,6 +516,14 @@ class AuditLog:
         self.spilled = 0
         self.replayed = 0  # entries of a crashed instance's spill file written at start
 
+    @classmethod
+    def from_config(cls, engine: Engine, config: SiteConfig, *, instance_id: str | None = None,
+                    supervisor: Supervisor | None = None) -> AuditLog:
+        """The site's audit log: spill directory and commit sync from its `audit` keys."""
+        return cls(engine, supervisor=supervisor, instance_id=instance_id,
+                   spill_dir=config.audit_spill_directory,
+                   fsync_each_commit=config.audit.fsync_each_commit)
+
     @property
     def pending(self) -> int:
         return len(self._pending)
@@ -717,10 +728,15 @@ class AuditLog:
                     async with self._spilling:  # no append may interleave
                         if not self._pending:
                             self._spill.clear()
-            except Exception:
+            except Exception as exc:
                 self._failures += 1
                 self.write_errors += 1
-                log.exception("audit: write failed, %d entries pending", len(self._pending))
+                if _busy(exc):  # another writer holds the database: expected, and retried
+                    log.warning("audit: database busy (%s), %d entries pending, spilled",
+                                type(exc).__name__, len(self._pending))
+                else:
+                    log.exception("audit: write failed, %d entries pending",
+                                  len(self._pending))
                 await self._spill_items(list(self._pending))
                 if self._stop.is_set() and self._failures >= self._shutdown_attempts:
                     log.error("audit: giving up at shutdown with %d entries unwritten",
@@ -1023,6 +1039,15 @@ class AuditLog:
                 self.replayed += len(entries)
                 log.warning("audit: wrote %d entries left in %s by a gateway that stopped "
                             "without writing them", len(entries), leftover.path.name)
+
+
+def _busy(exc: BaseException) -> bool:
+    """A lock another writer holds (SQLite's `database is locked`, PostgreSQL's lock
+    timeout) or our own commit deadline: transient contention, not a fault to trace."""
+    if isinstance(exc, TimeoutError):
+        return True
+    text = str(exc).lower()
+    return "database is locked" in text or "lock timeout" in text
 
 
 async def _wait(event: asyncio.Event | None, timeout_s: float) -> None:

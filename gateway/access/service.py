@@ -222,6 +222,11 @@ class AccessService:
                                   visitor_pass_id=decision.visitor_pass_id)
         return replayed(decision)
 
+    def remote_readers(self) -> dict[str, str]:
+        """device id -> kind of the gates and elevators an app may open or call remotely."""
+        return {device_id: reader.kind for device_id, reader in self._readers.items()
+                if reader.kind in ("gate", "elevator")}
+
     def check_remote(self, resident_id: str, device_id: str,
                      now: float | None = None) -> AccessDecision:
         """Remote unlock / elevator call from the app: the resident's rights at that reader."""

@@ -15,7 +15,7 @@ from rich.console import Console
 from gateway.config import ConfigError, SiteConfig, file_problems, load_config
 
 app = typer.Typer(help="scgw: the smart-community edge gateway.", no_args_is_help=True)
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema, backup and restore.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 err = Console(stderr=True)
 
@@ -150,15 +150,21 @@ def _mount_subcommands() -> None:
     """
     from gateway.app.cli_audit import app as audit_app
     from gateway.app.cli_canteen import app as canteen_app
+    from gateway.app.cli_db import register as register_db
     from gateway.app.cli_import import app as import_app
     from gateway.app.cli_mqtt import register as register_mqtt_config
+    from gateway.app.cli_ops import register as register_systemd_unit
     from gateway.app.cli_rules import app as rules_app
+    from gateway.app.cli_users import app as users_app
 
+    register_db(db_app)  # `scgw db backup` / `scgw db restore`
     app.add_typer(canteen_app, name="canteen")
     app.add_typer(audit_app, name="audit")
     app.add_typer(import_app, name="import")
     register_mqtt_config(app)  # `scgw mqtt-config`
+    register_systemd_unit(app)  # `scgw systemd-unit`
     app.add_typer(rules_app, name="rules")
+    app.add_typer(users_app, name="users")
     for plugin in entry_points(group="scgw.cli"):
         try:
             register = plugin.load()

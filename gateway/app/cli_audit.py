@@ -15,15 +15,14 @@ only overrides it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from sqlalchemy import Engine, create_engine, inspect
-from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.access.audit import audit_log, verify
 from gateway.config import ConfigError, OperatorSettings, operator_settings
-from gateway.store.db import is_sqlite, make_engine
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 app = typer.Typer(help="Tamper-evident access audit log.", no_args_is_help=True)
 
@@ -65,6 +64,10 @@ def _parse_anchor(value: str) -> tuple[int, str]:
 def _reading_engine(url: str) -> Engine:
     """On SQLite, a plain engine: make_engine's BEGIN IMMEDIATE would hold the write lock
     (and stall payments) for the whole walk; a WAL reader needs no lock at all."""
+    from sqlalchemy import create_engine
+
+    from gateway.store.db import is_sqlite, make_engine
+
     return create_engine(url) if is_sqlite(url) else make_engine(url)
 
 
@@ -78,6 +81,14 @@ def verify_command(
     ] = None,
 ) -> None:
     """Check that no audit row was edited, deleted or inserted."""
+    # Imported here: every other `scgw` command (a replay of a million readings, say) would
+    # otherwise pay SQLAlchemy's import at start-up.
+    from sqlalchemy import inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.access.audit import audit_log, verify
+    from gateway.store.db import is_sqlite
+
     parsed_anchor = _parse_anchor(anchor) if anchor is not None else None
     database_url = _settings(config_path, database_url).database_url
     if is_sqlite(database_url):

@@ -1,19 +1,34 @@
 """`scgw mqtt-config`: the broker's logins, ACL and configuration for a site.
 
     scgw mqtt-config --config site.yaml --out /etc/mosquitto/scgw [--rotate]
+        [--bridge-to HOST:PORT --bridge-username U --bridge-password-file F]
 
-Writes DIR/mosquitto.conf, DIR/passwd, DIR/acl and DIR/credentials.json (mode 0600); see
-gateway/app/mqtt_config.py and docs/deploy-mqtt.md. Prints where the files went and what
-changed, never a password. Exit 2 when the site file or the options cannot be used.
+Writes DIR/mosquitto.conf, DIR/passwd, DIR/acl and DIR/credentials.json (mode 0600); with
+`--bridge-to`, DIR/bridge.d/bridge.conf, the site's bridge to a central broker (see
+gateway/app/mqtt_bridge.py, docs/scale.md); see gateway/app/mqtt_config.py and
+docs/deploy-mqtt.md. Prints where the files went and what changed, never a password.
+Exit 2 when the site file or the options cannot be used.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from gateway.app.mqtt_bridge import (
+    BRIDGE_DIR,
+    BRIDGE_FILE,
+    PASSWORD_ENV,
+    BridgeError,
+    BridgeSettings,
+    check_username,
+    parse_address,
+    parse_backoff,
+    read_password,
+)
 from gateway.app.mqtt_config import (
     DEFAULT_GATEWAY_USER,
     MqttConfigError,
@@ -34,6 +49,27 @@ def _existing(path: Path | None, option: str) -> Path | None:
     if not path.is_file():
         raise MqttConfigError(f"{option} {path}: no such file")
     return path.absolute()
+
+
+def _bridge(
+    to: str | None, username: str | None, password_file: Path | None, cafile: Path | None,
+    protocol: str, backoff: str,
+) -> BridgeSettings | None:
+    if to is None:
+        if username is not None or password_file is not None or cafile is not None:
+            raise BridgeError("the --bridge-* options need --bridge-to HOST:PORT")
+        return None
+    if username is None:
+        raise BridgeError("--bridge-to needs --bridge-username (the site's login on the "
+                          "central broker)")
+    if protocol not in ("mqttv311", "mqttv50"):
+        raise BridgeError(f"--bridge-protocol {protocol!r}: mqttv311 or mqttv50")
+    host, port = parse_address(to)
+    return BridgeSettings(
+        host, port, check_username(username), read_password(password_file, dict(os.environ)),
+        cafile=_existing(cafile, "--bridge-cafile"),
+        protocol="mqttv50" if protocol == "mqttv50" else "mqttv311",
+        backoff_s=parse_backoff(backoff))
 
 
 def _fail(message: str) -> typer.Exit:
@@ -65,6 +101,20 @@ def mqtt_config(
         help="With an mqtts:// site, also a plain listener on this port.")] = None,
     persistence_dir: Annotated[Path, typer.Option(
         help="Mosquitto's persistence_location.")] = Path("/var/lib/mosquitto"),
+    bridge_to: Annotated[str | None, typer.Option(
+        help="Central broker HOST:PORT: bridge alerts, telemetry and status to it under "
+        "sites/{site id}/ (docs/scale.md).")] = None,
+    bridge_username: Annotated[str | None, typer.Option(
+        help="The site's login on the central broker.")] = None,
+    bridge_password_file: Annotated[Path | None, typer.Option(
+        help=f"File whose first line is that login's password (else ${PASSWORD_ENV}).")
+    ] = None,
+    bridge_cafile: Annotated[Path | None, typer.Option(
+        help="CA of the central broker's certificate: the bridge then uses TLS.")] = None,
+    bridge_protocol: Annotated[str, typer.Option(
+        help="mqttv311 or mqttv50.")] = "mqttv311",
+    bridge_backoff: Annotated[str, typer.Option(
+        help="Reconnect back-off BASE:CAP seconds (jittered).")] = "5:60",
 ) -> None:
     """Broker logins (one per MQTT device, the gateway, a read-only monitor), ACL and
     mosquitto.conf for a site (CONTRACT.md section 6)."""
@@ -85,9 +135,12 @@ def mqtt_config(
         settings = broker_settings_for(config, bind=bind, tls=tls, tls_port=tls_port,
                                        plain_port=plain_port,
                                        persistence_dir=persistence_dir.absolute())
+        bridge = _bridge(bridge_to, bridge_username, bridge_password_file, bridge_cafile,
+                         bridge_protocol, bridge_backoff)
+        had_bridge = (out / BRIDGE_DIR / BRIDGE_FILE).is_file()
         written = write_mqtt_files(config, out, settings, rotate=rotate,
-                                   rotate_users=rotate_login or ())
-    except MqttConfigError as exc:
+                                   rotate_users=rotate_login or (), bridge=bridge)
+    except (MqttConfigError, BridgeError) as exc:
         raise _fail(str(exc)) from None
     except OSError as exc:
         raise _fail(f"cannot write {exc.filename or out}: {exc.strerror}") from None
@@ -98,6 +151,12 @@ def mqtt_config(
                f"monitor, {len(credentials.devices)} devices)")
     typer.echo(f"wrote {written.acl}")
     typer.echo(f"wrote {written.credentials_file} (mode 0600: the passwords)")
+    if bridge is not None:
+        typer.echo(f"wrote {written.bridge_conf} (mode 0640: bridge to {bridge.host}:"
+                   f"{bridge.port} as {bridge.username}, topics under sites/{config.site.id}/)")
+    elif had_bridge:
+        typer.echo(f"removed {written.bridge_conf}: no --bridge-to given, so this site no "
+                   "longer bridges to a central broker", err=True)
     typer.echo(f"passwords: {changes.kept} kept, {changes.created} new, "
                f"{changes.rotated} rotated; logins removed: "
                f"{', '.join(changes.removed) or 'none'}")

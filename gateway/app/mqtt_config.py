@@ -6,23 +6,23 @@ none (the gateway publishes for them, so nobody may speak on their topics). File
 
 - `passwd`: Mosquitto's hashed format, `user:$7$ITER$SALT$HASH` (PBKDF2-HMAC-SHA512, 12-byte
   salt, 64-byte hash, standard base64), exactly as `mosquitto_passwd` writes it.
-- `acl`: Mosquitto's `acl_file` syntax; `parse_acl` + `acl_allows` evaluate it the way
-  Mosquitto does, so the embedded fallback broker enforces the very same file.
+- `acl`: Mosquitto's `acl_file` syntax; `parse_acl` + `acl_allows` (in mqtt_auth.py, with
+  the password hashing) evaluate it the way Mosquitto does, so the embedded fallback
+  broker enforces the very same file.
 - `mosquitto.conf`: the settings of deploy/mosquitto/mosquitto.conf (docs/deploy-mqtt.md)
   with this site's listener(s), password and ACL files, and TLS when certificates are given.
 - `credentials.json` (mode 0600): the clear passwords, for provisioning devices and the
   gateway's SCGW__MQTT__PASSWORD. Regenerating keeps every password found in it unless
   asked to rotate, adds new devices and drops removed ones.
+- `bridge.d/bridge.conf` (mode 0640), only with a bridge: the site's bridge to a central
+  broker (gateway/app/mqtt_bridge.py, docs/scale.md); regenerating without one removes it.
 
 Passwords come from `secrets` (192 bits) and never reach a log or the terminal.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import re
@@ -31,16 +31,37 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
+from gateway.app.mqtt_auth import (
+    PBKDF2_ITERATIONS,
+    AclEntry,
+    MqttConfigError,
+    acl_allows,
+    filter_within,
+    hash_password,
+    parse_acl,
+    parse_passwd,
+    topic_matches,
+    verify_password,
+)
+from gateway.app.mqtt_bridge import (
+    BRIDGE_DIR,
+    BRIDGE_FILE,
+    BRIDGE_USER,
+    BridgeSettings,
+    bridge_acl_lines,
+    bridge_conf_text,
+)
 from gateway.config import SiteConfig
+
+# Re-exported: the password and ACL formats moved to gateway/app/mqtt_auth.py.
+__all__ = ["PBKDF2_ITERATIONS", "AclEntry", "MqttConfigError", "acl_allows", "filter_within",
+           "hash_password", "parse_acl", "parse_passwd", "topic_matches", "verify_password"]
 
 DEFAULT_GATEWAY_USER: Final = "scgw-gateway"
 MONITOR_USER: Final = "scgw-monitor"
 PASSWORD_BYTES: Final = 24  # 192 bits of `secrets`, 32 URL-safe characters
-PBKDF2_ITERATIONS: Final = 101  # mosquitto_passwd's own default (2.0.x); see docs/security.md
-SALT_BYTES: Final = 12  # as mosquitto_passwd
-HASH_BYTES: Final = 64  # SHA-512 output
 USERNAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 
 # What a device may publish, relative to `{root}/devices/{its id}/` (CONTRACT.md section 1,
@@ -57,8 +78,6 @@ KIND_PUBLISH: Final[Mapping[str, tuple[str, ...]]] = {
 DEVICE_SUBSCRIBE: Final = ("command", "access/decision", "payment/result",
                            "payment/batch_result")
 
-Access = Literal["read", "write", "readwrite"]
-
 # The broker settings the gateway is measured with (docs/deploy-mqtt.md explains each);
 # tests/test_mqtt_config.py checks them against deploy/mosquitto/mosquitto.conf.
 TUNING: Final[tuple[tuple[str, str], ...]] = (
@@ -69,10 +88,6 @@ TUNING: Final[tuple[tuple[str, str], ...]] = (
     ("max_inflight_messages", "1000"),
     ("persistent_client_expiration", "14d"),
 )
-
-
-class MqttConfigError(ValueError):
-    """The site (or an earlier credentials.json) cannot be turned into broker files."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +202,9 @@ def _check_usernames(gateway: str, monitor: str, devices: Sequence[str]) -> None
     for name in (gateway, monitor):
         if not USERNAME_RE.match(name):
             raise MqttConfigError(f"MQTT username {name!r} must match {USERNAME_RE.pattern}")
+    if BRIDGE_USER in (gateway, monitor, *devices):
+        raise MqttConfigError(f"{BRIDGE_USER!r} is the bridge's name in the ACL: choose "
+                              "another username or device id")
     if gateway == monitor:
         raise MqttConfigError(f"the gateway and the monitor cannot both be {gateway!r}")
     for name, whose in ((gateway, "gateway"), (monitor, "monitor")):
@@ -196,48 +214,6 @@ def _check_usernames(gateway: str, monitor: str, devices: Sequence[str]) -> None
 
 
 # ---- passwd: Mosquitto's PBKDF2-SHA512 format ------------------------------------------
-
-def hash_password(
-    password: str, *, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS
-) -> str:
-    """`$7$ITER$SALT$HASH` as mosquitto_passwd writes it (sha512-pbkdf2)."""
-    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, HASH_BYTES)
-    return (f"$7${iterations}${base64.b64encode(salt).decode()}$"
-            f"{base64.b64encode(digest).decode()}")
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    """True when `password` matches a `$7$` (PBKDF2) or `$6$` (salted SHA-512) hash."""
-    try:
-        parts = encoded.split("$")
-        if len(parts) == 5 and parts[1] == "7":
-            iterations = int(parts[2])
-            if not 1 <= iterations <= 10_000_000:
-                return False
-            salt, expected = base64.b64decode(parts[3]), base64.b64decode(parts[4])
-            digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations,
-                                         len(expected))
-        elif len(parts) == 4 and parts[1] == "6":
-            salt, expected = base64.b64decode(parts[2]), base64.b64decode(parts[3])
-            digest = hashlib.sha512(password.encode() + salt).digest()
-        else:
-            return False
-    except (ValueError, TypeError):
-        return False
-    return hmac.compare_digest(digest, expected)
-
-
-def parse_passwd(text: str) -> dict[str, str]:
-    """username -> hash from a Mosquitto password file (comments and blanks skipped)."""
-    users: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and ":" in line:
-            username, encoded = line.split(":", 1)
-            users[username] = encoded
-    return users
-
 
 def passwd_text(credentials: Credentials, previous: Mapping[str, str] | None = None) -> str:
     """One `user:hash` line per login. A hash from `previous` that still matches its
@@ -254,12 +230,6 @@ def passwd_text(credentials: Credentials, previous: Mapping[str, str] | None = N
 
 # ---- acl ------------------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class AclEntry:
-    access: Access
-    topic: str
-
-
 def device_acl(root: str, device_id: str, kind: str) -> list[AclEntry]:
     base = f"{root}/devices/{device_id}"
     publish = COMMON_PUBLISH + KIND_PUBLISH.get(kind, ())
@@ -273,12 +243,15 @@ def acl_rules(config: SiteConfig, credentials: Credentials) -> dict[str, list[Ac
     kinds = {d.device_id: d.kind for d in config.devices}
     rules = {credentials.gateway.username: [AclEntry("readwrite", f"{root}/#")],
              credentials.monitor.username: [AclEntry("read", f"{root}/#")]}
+    if config.home_assistant.discovery:  # the gateway announces entities, retained
+        rules[credentials.gateway.username].append(
+            AclEntry("write", f"{config.home_assistant.prefix}/#"))
     for device_id, login in sorted(credentials.devices.items()):
         rules[login.username] = device_acl(root, device_id, kinds[device_id])
     return rules
 
 
-def acl_text(config: SiteConfig, credentials: Credentials) -> str:
+def acl_text(config: SiteConfig, credentials: Credentials, *, bridge: bool = False) -> str:
     root = config.mqtt.root
     kinds = {d.device_id: d.kind for d in config.devices}
     rules = acl_rules(config, credentials)
@@ -300,73 +273,11 @@ def acl_text(config: SiteConfig, credentials: Credentials) -> str:
         out += ["", f"# {device_id} ({kinds[device_id]}): its own topics only",
                 f"user {login.username}",
                 *(f"topic {e.access} {e.topic}" for e in rules[login.username])]
+    if bridge:
+        out += ["", "# The bridge to the central broker (bridge.d/bridge.conf): reads what it "
+                "forwards,", "# nothing carrying tokens, card numbers or payments.",
+                *bridge_acl_lines(root, config.site.id)]
     return "\n".join(out) + "\n"
-
-
-def parse_acl(text: str) -> dict[str, list[AclEntry]]:
-    """The `user`/`topic` lines of a Mosquitto acl_file (what acl_text writes)."""
-    rules: dict[str, list[AclEntry]] = {}
-    user: str | None = None
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        word, _, rest = line.partition(" ")
-        if word == "user":
-            user = rest.strip()
-            rules.setdefault(user, [])
-        elif word == "topic" and user is not None:
-            access, _, topic = rest.strip().partition(" ")
-            if access not in ("read", "write", "readwrite") or not topic.strip():
-                raise MqttConfigError(f"acl line {number}: unsupported {line!r}")
-            rules[user].append(AclEntry(access, topic.strip()))  # type: ignore[arg-type]
-        else:
-            raise MqttConfigError(f"acl line {number}: unsupported {line!r}")
-    return rules
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT matching of a concrete topic against a filter (`+`, `#`; `$` topics apart)."""
-    if topic.startswith("$") and not pattern.startswith("$"):
-        return False
-    want, have = pattern.split("/"), topic.split("/")
-    for i, level in enumerate(want):
-        if level == "#":
-            return True
-        if i >= len(have) or (level != "+" and level != have[i]):
-            return False
-    return len(want) == len(have)
-
-
-def filter_within(subscription: str, pattern: str) -> bool:
-    """True when every topic `subscription` can match is matched by `pattern`."""
-    sub, pat = subscription.split("/"), pattern.split("/")
-    for i, level in enumerate(pat):
-        if level == "#":
-            return True
-        if i >= len(sub) or sub[i] == "#":
-            return False
-        if level != "+" and (sub[i] == "+" or sub[i] != level):
-            return False
-    return len(sub) == len(pat)
-
-
-def acl_allows(
-    rules: Mapping[str, Sequence[AclEntry]], username: str | None, topic: str,
-    access: Literal["read", "write", "subscribe"],
-) -> bool:
-    """Mosquitto's acl_file semantics: allowed when an entry of the user matches the topic
-    with that access. `subscribe` (for brokers that check it; Mosquitto 2.0 defers to
-    `read` at delivery) needs a `read` entry covering every topic the filter can match."""
-    if username is None:
-        return False
-    for entry in rules.get(username, ()):
-        if access == "subscribe":
-            if entry.access != "write" and filter_within(topic, entry.topic):
-                return True
-        elif access in entry.access and topic_matches(entry.topic, topic):
-            return True
-    return False
 
 
 # ---- mosquitto.conf -------------------------------------------------------------------
@@ -415,7 +326,8 @@ def broker_settings_for(
                           run_as=run_as)
 
 
-def mosquitto_conf_text(settings: BrokerSettings, passwd: Path, acl: Path) -> str:
+def mosquitto_conf_text(settings: BrokerSettings, passwd: Path, acl: Path,
+                        bridge_dir: Path | None = None) -> str:
     where = f" {settings.bind}" if settings.bind else ""
     out = [
         "# Written by `scgw mqtt-config` (docs/deploy-mqtt.md explains every line).",
@@ -449,6 +361,10 @@ def mosquitto_conf_text(settings: BrokerSettings, passwd: Path, acl: Path) -> st
     ]
     if settings.run_as is not None:
         out += [f"user {settings.run_as}"]
+    if bridge_dir is not None:
+        # Last: everything after a `connection` line belongs to that bridge.
+        out += ["", "# The bridge to the central broker (docs/scale.md).",
+                f"include_dir {bridge_dir}"]
     return "\n".join(out) + "\n"
 
 
@@ -475,6 +391,10 @@ class Written:
     @property
     def credentials_file(self) -> Path:
         return self.out_dir / "credentials.json"
+
+    @property
+    def bridge_conf(self) -> Path:
+        return self.out_dir / BRIDGE_DIR / BRIDGE_FILE
 
 
 def read_credentials(path: Path) -> Credentials | None:
@@ -511,8 +431,10 @@ def write_mqtt_files(
     rotate: bool = False,
     rotate_users: Iterable[str] = (),
     gateway_user: str | None = None,
+    bridge: BridgeSettings | None = None,
 ) -> Written:
-    """Write mosquitto.conf, passwd, acl and credentials.json into `out_dir`."""
+    """Write mosquitto.conf, passwd, acl and credentials.json into `out_dir` (and with
+    `bridge`, bridge.d/bridge.conf; without, an earlier one is removed)."""
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     try:
@@ -532,7 +454,16 @@ def write_mqtt_files(
     # are already saved and a rerun produces the same logins.
     write_private(written.credentials_file, credentials.to_json(), 0o600)
     write_private(written.passwd, passwd_text(credentials, old_passwd), 0o640)
-    write_private(written.acl, acl_text(config, credentials), 0o640)
-    write_private(written.conf, mosquitto_conf_text(settings, written.passwd, written.acl),
-                  0o644)
+    write_private(written.acl, acl_text(config, credentials, bridge=bridge is not None), 0o640)
+    bridge_dir = written.bridge_conf.parent
+    if bridge is not None:
+        bridge_dir.mkdir(exist_ok=True, mode=0o750)
+        write_private(written.bridge_conf,
+                      bridge_conf_text(bridge, config.mqtt.root, config.site.id), 0o640)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            written.bridge_conf.unlink()
+    write_private(written.conf, mosquitto_conf_text(
+        settings, written.passwd, written.acl, bridge_dir if bridge is not None else None),
+        0o644)
     return written

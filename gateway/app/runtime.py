@@ -13,6 +13,10 @@ Telemetry is ingested by a separate process (gateway.telemetry.worker, started a
 supervised here), so a telemetry flood never shares this event loop with access decisions;
 this process publishes polled Modbus readings as the units' MQTT telemetry and reads the
 worker's health report for /readyz and /metrics.
+
+Live events for the API's Server-Sent Events (gateway.events) are fed from what this process
+already handles (gateway.devices.live): decisions, payments, remote opens, the alerts its
+control session subscribes to, and once a second device presence and the latest readings.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, cast
 
 import aiomqtt
 import uvicorn
@@ -40,6 +44,7 @@ from api.services import ApiServices
 from device_drivers.ble import BleScanner, BleScannerConfig
 from device_drivers.mqtt import MessageHandler, MqttLink
 from device_drivers.mqtt_protocol import (
+    alert_subscription,
     control_subscriptions,
     device_topic,
     gateway_status_topic,
@@ -52,9 +57,11 @@ from gateway.app.telemetry_process import TelemetryProcess
 from gateway.canteen.offline_windows import OfflineWindows
 from gateway.canteen.terminals import CanteenService
 from gateway.config import ConfigError, SiteConfig
+from gateway.devices.live import AuditTap, DevicePresence, LiveFeed, PaymentTap, alert_event
 from gateway.devices.modbus import ModbusCommands, modbus_fleet
 from gateway.devices.polled_readings import PolledReadings
 from gateway.devices.router import DeviceRouter
+from gateway.events import EventHub
 from gateway.metrics import Registry
 from gateway.store import db
 from gateway.telemetry.alerts import AlertStore
@@ -88,6 +95,7 @@ class Gateway:
         self.router: DeviceRouter | None = None
         self.link: MqttLink | None = None  # the control session; answers go out here
         self.telemetry_health = TelemetryHealth()
+        self.events = EventHub(self.metrics)  # live events for /api/v1/events
         self.telemetry_worker: TelemetryProcess | None = None
         self.supervisor: Supervisor | None = None
         self._extra_routers = list(extra_routers)
@@ -123,17 +131,19 @@ class Gateway:
         # Issue 11: decisions are recorded (audit row + spent token) before they are sent;
         # the audit log comes first so it outlives everything that records into it.
         instance = new_instance_id()
-        audit = await stack.enter_async_context(AuditLog(
-            engine, supervisor=supervisor, instance_id=instance,
-            spill_dir=cfg.spool_directory / "audit-spill"))
+        audit = await stack.enter_async_context(AuditLog.from_config(
+            engine, cfg, supervisor=supervisor, instance_id=instance))
         access = await stack.enter_async_context(
             AccessService.from_config(engine, cfg, supervisor=supervisor, journal=audit))
         observer = _AuditObserver(audit)
         windows = await stack.enter_async_context(
-            OfflineWindows(engine, instance_id=instance, supervisor=supervisor))
+            OfflineWindows.from_config(engine, cfg, instance_id=instance, supervisor=supervisor))
+        hub = self.events
+        pay_tap = PaymentTap(cfg.mqtt.root, self._publish, hub)
+        # The canteen resolves through a wrapper that notes whose purse paid, for the event.
         payments = await stack.enter_async_context(
-            CanteenService(engine, cfg, access, self._publish, observer.record, self.metrics,
-                           windows=windows)
+            CanteenService(engine, cfg, cast(AccessService, pay_tap.access(access)),
+                           pay_tap.publish, observer.record, self.metrics, windows=windows)
         )
         for outcome in ("approved", "refused", "shortfall", "retry", "malformed"):
             self.metrics.counter_func(
@@ -158,22 +168,26 @@ class Gateway:
             payments=payments,
             commands=commands,
             status_observer=windows,
+            events=hub,
         )
         stack.push_async_callback(self.router.close)
         client_id = cfg.mqtt.client_id or f"scgw-{cfg.site.id}-{secrets.token_hex(3)}"
         health = health_topic(cfg.mqtt.root, cfg.site.id)
         router = self.router
+        alerts_prefix = f"{cfg.mqtt.root}/alerts/"
 
         async def on_control(topic: str, payload: bytes) -> None:
             if topic == health:
                 self.telemetry_health.update(payload)
+            elif topic.startswith(alerts_prefix):
+                alert_event(hub, payload)
             else:
                 await router.on_message(topic, payload)
 
         self.link = await stack.enter_async_context(self._mqtt_link(
             f"{client_id}-ctl",
             [*control_subscriptions(cfg.mqtt.root), *commands.subscriptions(),
-             *router.watch_subscriptions(), health],
+             *router.watch_subscriptions(), health, alert_subscription(cfg.mqtt.root)],
             on_control, supervisor,
             status_topic=gateway_status_topic(cfg.mqtt.root, cfg.site.id)))
         self._register_link_metrics()
@@ -181,6 +195,8 @@ class Gateway:
         await stack.enter_async_context(GatewayPresence(
             engine, instance, link.connected.is_set, audit.reportable_seq,
             supervisor=supervisor))
+        if cfg.home_assistant.discovery:
+            supervisor.spawn("home-assistant-discovery", self._announce_to_home_assistant)
         worker = self.telemetry_worker = TelemetryProcess(cfg)
         supervisor.spawn("telemetry-worker", worker.run)
         stack.push_async_callback(worker.stop)
@@ -189,9 +205,12 @@ class Gateway:
         stack.callback(energy.dispose)
         alerts = AlertStore(engine)
         stack.callback(alerts.dispose)
-        services = ApiServices(access=access, audit=audit, canteen=payments.ledger,
-                               modbus=modbus, latest=latest, energy=energy, alerts=alerts,
-                               device_state=self.router.state)
+        presence = DevicePresence(list(devices), self.router.state, modbus.health, latest)
+        feed = LiveFeed(hub, presence, {d: c.kind for d, c in devices.items()}, latest)
+        supervisor.spawn("live-events", feed.run)
+        services = ApiServices(access=access, audit=AuditTap(audit, hub),
+                               canteen=payments.ledger, modbus=modbus, latest=latest,
+                               energy=energy, alerts=alerts, device_state=presence)
         server = self._api_server(engine, services) if cfg.api.enabled else None
         serving: SupervisedTask | None = None
         if server is not None:
@@ -229,6 +248,17 @@ class Gateway:
             max_queued=max_queued,
             supervisor=supervisor,
         )
+
+    async def _announce_to_home_assistant(self) -> None:
+        """Home Assistant discovery, once connected: the configs are retained at the broker,
+        so one announcement a start is enough (HA reads them whenever it starts)."""
+        from gateway.devices.ha_discovery import publish_discovery
+
+        link = self.link
+        assert link is not None  # spawned after the link is up
+        await link.connected.wait()
+        count = await publish_discovery(link, self.config, self.config.home_assistant.prefix)
+        log.info("home assistant: %d discovery configs published", count)
 
     def _register_link_metrics(self) -> None:
         self.metrics.gauge(
@@ -273,6 +303,7 @@ class Gateway:
             ready=lambda: link is not None and link.connected.is_set(),
             problems=self.telemetry_health.problems,
             services=services,
+            events=self.events,
         )
         app = create_app(ctx, [*all_extra_routers(), *self._extra_routers])
         config = uvicorn.Config(

@@ -64,6 +64,7 @@ class TelemetryProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.telemetry.worker",
             stdin=asyncio.subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C reaches the gateway, which stops the worker in order
         )
         self.process = proc
         assert proc.stdin is not None

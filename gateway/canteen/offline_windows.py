@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from sqlalchemy import (
     Column,
@@ -50,6 +50,9 @@ from gateway.access.presence import HEARTBEAT_S, gaps, segments_since
 from gateway.canteen.policy import MAX_BATCH_AGE_S
 from gateway.store.db import read_engine
 from gateway.store.metadata import metadata
+
+if TYPE_CHECKING:
+    from gateway.config import SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,13 @@ class OfflineWindows:
         self._wake = asyncio.Event()
         self._tasks = ComponentTasks(supervisor, "offline-windows")
         self.write_failures = 0
+
+    @classmethod
+    def from_config(cls, engine: Engine, config: SiteConfig, *, instance_id: str | None = None,
+                    supervisor: Supervisor | None = None) -> OfflineWindows:
+        """The site's windows: slack from `canteen.offline_window_slack_s`."""
+        return cls(engine, instance_id=instance_id, supervisor=supervisor,
+                   slack_s=config.canteen.offline_window_slack_s)
 
     async def __aenter__(self) -> Self:
         await self._tasks.start()

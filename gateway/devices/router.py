@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from device_drivers import mqtt_protocol as proto
 from device_drivers.supervision import RequestTasks
 from gateway.config import DeviceConfig
+from gateway.devices.live import access_event
 from gateway.metrics import Registry
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,12 @@ class CommandSink(Protocol):
     """Commands addressed to devices the gateway answers for (Modbus units)."""
 
     async def handle(self, device: DeviceConfig, payload: bytes) -> None: ...
+
+
+class EventSink(Protocol):
+    """gateway.events.EventHub: where answered decisions go for live clients."""
+
+    def publish(self, kind: Any, data: Any, owner: str | None = None) -> object: ...
 
 
 class DecisionObserver(Protocol):
@@ -121,6 +128,7 @@ class DeviceRouter:
         commands: CommandSink | None = None,
         clock: Callable[[], float] = time.time,
         status_observer: StatusObserver | None = None,
+        events: EventSink | None = None,
     ) -> None:
         """`observer` audits decisions; leave it out when `access.admit` records them
         itself (a journal is attached), or each decision is logged twice."""
@@ -134,13 +142,14 @@ class DeviceRouter:
         self._commands = commands
         self._clock = clock
         self._status_observer = status_observer
+        self._events = events
         self.state: dict[str, DeviceState] = {d: DeviceState() for d in devices}
         self._outbox = RequestTasks("device answers", limit=50_000)
         # A decision waits for its record to be written (about a millisecond); meanwhile the
         # MQTT reader goes on, so concurrent decisions share one transaction. Their in-memory
         # part runs in message order (tasks start in the order they are created).
         self._deciding = RequestTasks("access decisions", limit=50_000)
-        self._sent: OrderedDict[tuple[str, bytes], float] = OrderedDict()
+        self._sent: OrderedDict[tuple[str, bytes], tuple[float, int]] = OrderedDict()
         self._prefix = f"{root}/devices/"
         register_metrics(metrics)
 
@@ -173,12 +182,16 @@ class DeviceRouter:
         if not topic.startswith(self._prefix) or not topic.endswith(_WATCHED_SUFFIXES):
             return
         now = time.monotonic()
-        self._sent[(topic, hashlib.blake2b(payload, digest_size=8).digest())] = now
+        key = (topic, hashlib.blake2b(payload, digest_size=8).digest())
+        # Counted: the same answer can go out twice (a terminal retrying a txn is answered
+        # again, byte for byte), and each copy comes back once.
+        _, copies = self._sent.pop(key, (now, 0))
+        self._sent[key] = (now, copies + 1)
         while self._sent:
-            key, at = next(iter(self._sent.items()))
+            oldest, (at, _) = next(iter(self._sent.items()))
             if at > now - _ECHO_TTL_S and len(self._sent) <= _ECHO_MAX:
                 break
-            del self._sent[key]
+            del self._sent[oldest]
 
     def _watched(self, topic: str, payload: bytes) -> bool:
         """True when `topic` is on an outbound channel (and has been dealt with here)."""
@@ -191,7 +204,11 @@ class DeviceRouter:
         if channel == "command" and device is not None and device.is_modbus:
             return False  # a command for a unit the gateway drives: handled below
         key = (topic, hashlib.blake2b(payload, digest_size=8).digest())
-        if self._sent.pop(key, None) is not None:
+        sent = self._sent.pop(key, None)
+        if sent is not None:
+            at, copies = sent
+            if copies > 1:
+                self._sent[key] = (at, copies - 1)
             return True  # our own message coming back
         kind = device.kind if device is not None else "unknown"
         self._metrics.inc("scgw_mqtt_refused_total", kind=kind, channel=channel,
@@ -336,6 +353,10 @@ class DeviceRouter:
                 ts=now,
             ),
         )
+        if self._events is not None:
+            self._events.publish("access", access_event(
+                device.device_id, device.kind, decision, now, request_id, decision.duration_s),
+                owner=decision.resident_id)
         result = "granted" if decision.granted else str(decision.reason)
         self._metrics.inc("scgw_access_decisions_total", kind=device.kind, result=result)
         self._metrics.observe("scgw_access_decision_seconds", time.perf_counter() - started)

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 log = logging.getLogger(__name__)
+
+# Gateways sharing one PostgreSQL database may start together; the first to take this
+# advisory lock migrates, the others then find the schema at head (their upgrade is a no-op).
+_MIGRATION_LOCK = 734913
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -51,6 +56,10 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 
 
 def alembic_config(url: str) -> Config:
+    # alembic is imported only where the schema is touched: the telemetry worker and the
+    # CLI's other commands never pay its ~10 MB.
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -58,12 +67,25 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database schema to `revision` (idempotent)."""
+    """Bring the database schema to `revision` (idempotent, safe to run concurrently)."""
+    from alembic import command
+
     if is_sqlite(url):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(url), revision)
+        command.upgrade(alembic_config(url), revision)
+        return
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_advisory_lock({_MIGRATION_LOCK})")
+            try:
+                command.upgrade(alembic_config(url), revision)
+            finally:
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK})")
+    finally:
+        engine.dispose()
 
 
 def current_revision(url: str) -> str | None:

@@ -26,6 +26,7 @@ the worker restarts wait at the broker.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import json
@@ -449,6 +450,28 @@ def run_worker(config: SiteConfig, stop: threading.Event | None = None) -> int:
     return TelemetryWorker(config).run(stop or threading.Event())
 
 
+def _end_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the gateway dies, kill -9 included.
+
+    The gateway starts the worker in a session of its own (a terminal's Ctrl-C is the
+    gateway's to handle, and it stops the worker in order), so without this a killed gateway
+    would leave an orphan holding the spool lock and the MQTT session.
+    """
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the gateway died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s telemetry-worker %(levelname)s %(name)s: "
@@ -458,6 +481,7 @@ def main() -> int:
     # Readings can wait in the broker and the spool; a resident at a gate cannot. When the
     # cores are contended, the scheduler should run the access process first.
     os.nice(NICENESS)
+    _end_with_parent()
     try:
         config = SiteConfig.model_validate(json.loads(sys.stdin.buffer.read()))
     except ValidationError as exc:  # never echo the input: it holds the secrets

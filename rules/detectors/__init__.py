@@ -7,6 +7,7 @@ from rules.detectors.baseline import BaselineDetector
 from rules.detectors.counter import CounterDetector
 from rules.detectors.event import EventDetector
 from rules.detectors.flatline import FlatlineDetector
+from rules.detectors.floor import FloorDetector
 from rules.detectors.group import GroupDetector
 from rules.detectors.level import RateOfChangeDetector, ScheduleDetector, ThresholdDetector
 from rules.detectors.nodata import NoDataDetector
@@ -16,6 +17,7 @@ from rules.model import (
     CounterRule,
     EventRule,
     FlatlineRule,
+    FloorRule,
     GroupRule,
     NoDataRule,
     RateOfChangeRule,
@@ -45,6 +47,8 @@ def make_detector(rule: Rule, site: Site) -> Detector:
         return BaselineDetector(rule, site)
     if isinstance(rule, RatioRule):
         return RatioDetector(rule, site)
+    if isinstance(rule, FloorRule):
+        return FloorDetector(rule, site)
     if isinstance(rule, GroupRule):
         return GroupDetector(rule, site)
     if isinstance(rule, EventRule):

@@ -131,7 +131,10 @@ class CounterDetector(Detector):
         regression = down & ~rollover
         delta = np.where(rollover, top - c_prev + ck, raw)
         mean_w = psum / np.maximum(pn, 1) / 1000.0
-        explained = rule.jump_factor * mean_w * (ts[k] - t_prev) / 3600.0 + rule.jump_margin
+        explained = rule.jump_factor * mean_w * (ts[k] - t_prev) / 3600.0
+        if rule.max_power is not None:  # the most the device can draw across the gap
+            explained = np.maximum(explained, rule.max_power * (ts[k] - t_prev) / 3600.0)
+        explained = explained + rule.jump_margin
         jump = ~regression & (pn > 0) & (delta > explained)
         anomaly = np.flatnonzero(regression | jump)  # NaN previous value: never an anomaly
         # carry each device's last counter reading and the power since it

@@ -13,14 +13,19 @@ authentication start it with generated files (`Mosquitto(conf_path=...)`).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -99,6 +104,32 @@ def mosquitto_binary() -> str | None:
     )
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A pre-exec hook asking Linux to SIGTERM the child when its parent dies (kill -9 of
+    `scgw demo` must not leave an orphaned broker in its own session holding a port).
+
+    The kernel ties this to the forking *thread*, so it is only set from the main thread: a
+    broker started from a worker thread would otherwise die with that thread.
+    """
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    prctl, parent = libc.prctl, os.getpid()  # looked up before fork: the hook only calls
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 class Mosquitto:
     """A Mosquitto process on loopback; restartable on the same port (for reconnect tests),
     keeping persistent sessions and retained messages across the restart like a real one.
@@ -137,16 +168,20 @@ class Mosquitto:
         return f"mqtt://{self.host}:{self.port}"
 
     def start(self) -> None:
+        # A session of its own: Ctrl-C in a terminal signals the whole foreground process
+        # group, and a broker dying at the same moment as the clients it serves turned the
+        # demo's orderly shutdown into a page of MQTT disconnect tracebacks. The broker is
+        # stopped by `stop()`, after its clients, and by the kernel if its parent is killed.
+        command = [self.binary, "-c", str(self.conf_path)]
         if self.log_path is None:
             self._proc = subprocess.Popen(
-                [self.binary, "-c", str(self.conf_path)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_die_with_parent())
         else:
             with self.log_path.open("ab") as out:
                 self._proc = subprocess.Popen(
-                    [self.binary, "-c", str(self.conf_path)], stdout=out, stderr=out)
+                    command, stdout=out, stderr=out,
+                    start_new_session=True, preexec_fn=_die_with_parent())
         try:
             wait_for_port(self.host, self.port)
         except TimeoutError:
@@ -157,6 +192,10 @@ class Mosquitto:
                                    f"{self.log_path.read_text()[-2000:]}") from None
             raise
         log.info("mosquitto listening on %s:%d", self.host, self.port)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
 
     def stop(self) -> None:
         if self._proc is not None:

@@ -1,11 +1,15 @@
 """`scgw demo`: a whole virtual community on one machine, with no set-up.
 
 A broker (Mosquitto when installed, else embedded amqtt) running the files of
-`scgw mqtt-config` (per-device logins and ACL, no anonymous clients), simulated Modbus
-units, the gateway with its API, simulated readers and canteen terminals logged in as their
-devices, and residents whose phones
-open gates, call elevators and pay for lunch every few seconds, so a newcomer sees the
-product work within seconds and can then drive it through the API.
+`scgw mqtt-config` (per-device logins and ACL, no anonymous clients), the gateway with its
+API, and the community of simulators/scenarios/community.yaml played by the same engine as
+`scgw simulate` (simulators.simulate): two towers, gates, elevators, a canteen, meters and
+HVAC / fresh-air / purifier units over MQTT and Modbus TCP, a crowd of residents on the
+scenario's daily rhythm, and faults. The last eight minutes are played first at 16x, so
+the dashboard's power chart has data within half a minute and the injected faults (a power
+spike, a forced door) raise alerts in the first minute; then the community lives in real
+time. The named demo residents (the logins of demo.json) also pass a gate and buy lunch
+every few seconds, whatever the hour, and staff top their purses up before they run dry.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import secrets
 import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +46,14 @@ from gateway.config import SiteConfig
 from gateway.store import db
 from simulators.canteen import CanteenTerminal, card_credential
 from simulators.demo.broker import EmbeddedBroker, Mosquitto, free_port, mosquitto_binary
-from simulators.demo.seed import DemoPeople, DemoResident, seed_demo
-from simulators.modbus_units import SimulatedUnits, UnitSpec
+from simulators.demo.seed import DemoPeople, DemoResident, seed_community, seed_demo
 from simulators.phone import SimulatedPhone
 from simulators.readers import ReaderSimulator
+from simulators.simulate.devices import Logins
+from simulators.simulate.runner import Simulation
+from simulators.simulate.site import residents, site_dict
+from simulators.simulate.spec import Fault, Spec, When, load_spec
+from simulators.simulate.staff import staff_topups
 
 log = logging.getLogger(__name__)
 
@@ -113,23 +121,55 @@ async def start_broker(broker: Broker, files: Written) -> AsyncIterator[Broker]:
             yield broker
 
 
+SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "community.yaml"
+# Simulated history played first so the charts are not empty. At most a few minutes: the
+# gateway stamps the Modbus units' readings with its own clock, and an MQTT meter whose
+# readings trail those by more than the deadman's 10 minutes would look silent.
+CATCH_UP_S = 8 * 60.0
+CATCH_UP_SPEED = 16.0
+
+
+def demo_spec() -> Spec:
+    """The bundled community, starting a few minutes ago and running until stopped, with
+    faults early enough to be seen: a power spike and a forced door within the first half
+    minute, then a door, tamper, terminal or Modbus incident every five minutes for two
+    hours."""
+    spec = load_spec(SCENARIO)
+    faults = [
+        Fault("spike", "hvac-b1-gym", When("offset", 120.0), 600.0, 0, magnitude=5.0),
+        Fault("door_forced", "gate-north", When("offset", 300.0), 0.0, 0),
+    ]
+    cycle = ("door_held_open", "tamper", "terminal_offline", "door_forced", "modbus_offline")
+    for n in range(24):
+        kind, at = cycle[n % len(cycle)], When("offset", CATCH_UP_S + (n + 1) * 300.0)
+        device = {"terminal_offline": "canteen-1", "modbus_offline": "erv-b1"}.get(
+            kind, ("gate-south", "gate-north")[n % 2])
+        faults.append(Fault(kind, device, at, 120.0, 0))
+    return replace(spec, root=ROOT, start=When("offset", -CATCH_UP_S), duration_s=None,
+                   faults=tuple(faults))
+
+
 def demo_config(
-    broker: Broker, db_url: str, api_port: int, modbus_devices: list[dict[str, Any]],
+    broker: Broker, db_url: str, api_port: int, spec: Spec, modbus_ports: dict[str, int],
     influxdb_url: str | None = None,
 ) -> SiteConfig:
     extra: dict[str, Any] = {}
     if influxdb_url is not None:  # InfluxDB 1.x (/write); a v2 server needs a site file
         extra["influxdb"] = {"url": influxdb_url, "api": "v1", "database": "scgw"}
+    site = site_dict(spec, modbus_ports)
+    names = {r["device_id"]: r.get("name") for r in READERS}
+    devices = [{**d, "name": names[d["device_id"]]} if names.get(d["device_id"]) else d
+               for d in site["devices"]]
     return SiteConfig.model_validate(
         {
             **extra,
-            "site": {"id": "demo", "name": "scgw demo community"},
+            "site": {"id": "demo", "name": "scgw demo community", "timezone": spec.timezone},
             "mqtt": {"url": f"mqtt://{broker.host}:{broker.port}", "root": ROOT,
                      "username": DEFAULT_GATEWAY_USER},
             "database": {"url": db_url},
             "api": {"port": api_port, "jwt_secret": secrets.token_urlsafe(48)},
             "buildings": BUILDINGS,
-            "devices": [*READERS, *modbus_devices],
+            "devices": devices,
         }
     )
 
@@ -162,7 +202,8 @@ def demo_json(
 async def resident_life(
     resident: DemoResident, readers: dict[str, ReaderSimulator], period_s: float
 ) -> None:
-    """A resident coming home: phone QR at a gate, then the elevator of their building."""
+    """A named demo resident coming home: phone QR at a gate, then the elevator of their
+    building (the crowd follows the scenario's rhythm; these keep the demo lively at 3 am)."""
     phone = SimulatedPhone(resident.credential_id, resident.secret)
     gates = [r for r in readers.values() if r.kind == "gate"]
     elevator = readers[f"elev-{resident.building}-1"]
@@ -200,22 +241,32 @@ async def run_demo(
     remove_handlers = install_signal_handlers(stop)
     if duration_s is not None:
         asyncio.get_running_loop().call_later(duration_s, stop.set)
+    spec = demo_spec()
+    modbus_ports = {unit.id: free_port() for unit in spec.modbus}
     try:
         async with AsyncExitStack() as stack:
-            modbus_devices = await stack.enter_async_context(_modbus_units())
             broker = Broker("127.0.0.1", free_port(), broker_kind)
-            config = demo_config(broker, db_url, api_port, modbus_devices, influxdb_url)
+            config = demo_config(broker, db_url, api_port, spec, modbus_ports, influxdb_url)
             files = await asyncio.to_thread(broker_files, config, data_dir / "mqtt")
             config = with_gateway_login(config, files.credentials.gateway)
             await stack.enter_async_context(start_broker(broker, files))
-            logins = files.credentials.devices
             await asyncio.to_thread(db.upgrade, db_url)
             engine = db.make_engine(db_url)
             stack.callback(engine.dispose)
             people = await asyncio.to_thread(seed_demo, engine, config)
             await asyncio.to_thread(_prepare_canteen, engine, people)
+            # the crowd moves in before the gateway starts: SQLite has one writer at a time
+            phones = await asyncio.to_thread(seed_community, engine, config, residents(spec),
+                                             spec.canteen.opening_balance_cents)
+            sim = Simulation(
+                spec, broker.host, broker.port,
+                Logins.from_json(json.loads(files.credentials.to_json())),
+                speed=CATCH_UP_SPEED, phones=phones, modbus_ports=modbus_ports)
             gateway = Gateway(config)
             async with asyncio.TaskGroup() as tasks:
+                # the devices log in and the Modbus units listen; the clock starts later
+                clock_starts = asyncio.Event()
+                sim_task = tasks.create_task(sim.run(stop, clock_starts), name="simulation")
                 gateway_task = tasks.create_task(gateway.run(stop), name="gateway")
                 await _wait_started(gateway, gateway_task)
                 api_url = f"http://127.0.0.1:{gateway.api_port}"
@@ -226,45 +277,34 @@ async def run_demo(
                          f"device confined to its own topics; broker files in {files.out_dir})."
                          f" {data_dir / 'demo.json'}:")
                 announce(text)
-                async with AsyncExitStack() as sims:
-                    readers = {
-                        r["device_id"]: await sims.enter_async_context(
-                            ReaderSimulator(broker.host, broker.port, r["device_id"], r["kind"],
-                                            ROOT, username=logins[r["device_id"]].username,
-                                            password=logins[r["device_id"]].password)
-                        )
-                        for r in READERS if r["kind"] in ("gate", "elevator")
-                    }
-                    till = await sims.enter_async_context(
-                        CanteenTerminal(broker.host, broker.port, "canteen-1", root=ROOT,
-                                        username=logins["canteen-1"].username,
-                                        password=logins["canteen-1"].password)
-                    )
-                    life = [
-                        tasks.create_task(resident_life(r, readers, 6.0), name=f"life-{r.name}")
-                        for r in people.residents
-                    ] + [
-                        tasks.create_task(lunch(r, till, 8.0), name=f"lunch-{r.name}")
-                        for r in people.residents
-                    ] + [tasks.create_task(incidents(readers, 45.0), name="incidents")]
-                    await stop.wait()
-                    for task in life:
-                        task.cancel()
+                staff = next(u for u in people.logins if u["role"] == "staff")
+                sim.topup = await stack.enter_async_context(
+                    staff_topups(api_url, staff["username"], staff["password"]))
+                life: list[asyncio.Task[None]] = []
+                if await _first(sim.connected, stop, sim_task):
+                    till = sim.terminals["canteen-1"]
+                    life = [tasks.create_task(resident_life(r, sim.readers, 6.0),
+                                              name=f"life-{r.name}") for r in people.residents]
+                    life += [tasks.create_task(lunch(r, till, 8.0, sim), name=f"lunch-{r.name}")
+                             for r in people.residents]
+                clock_starts.set()
+                await stop.wait()
+                for task in life:
+                    task.cancel()
     finally:
         remove_handlers()
     announce("scgw demo stopped")
 
 
-async def incidents(readers: dict[str, ReaderSimulator], period_s: float) -> None:
-    """Injected faults, so the demo shows alerts: now and then a gate is forced open, held
-    open or tampered with (the bundled event rules raise them; they clear by themselves)."""
-    gates = [r for r in readers.values() if r.kind == "gate"]
-    while True:
-        await asyncio.sleep(period_s * random.uniform(0.5, 1.5))
-        gate = random.choice(gates)
-        event = random.choice(("door_forced", "door_held_open", "tamper"))
-        log.info("injected fault: %s reports %s", gate.device_id, event)
-        await gate.report_event(event)
+async def _first(event: asyncio.Event, stop: asyncio.Event, task: asyncio.Task[Any]) -> bool:
+    """Wait for `event`, unless the demo stops or `task` ends first (its error is raised)."""
+    waiters = [asyncio.create_task(event.wait()), asyncio.create_task(stop.wait())]
+    await asyncio.wait([*waiters, task], return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        await task
+    return event.is_set()
 
 
 def _fresh_data_dir(data_dir: Path) -> str:
@@ -292,38 +332,17 @@ async def _wait_started(gateway: Gateway, task: asyncio.Task[None]) -> None:
         await task  # raises what stopped the gateway
 
 
-MODBUS_UNITS = [
-    # device id, kind, bundled profile, building
-    ("hvac-b1-lobby", "hvac", "heat-pump-split", "b1"),
-    ("erv-b1", "fresh_air", "fresh-air-erv", "b1"),
-    ("purifier-b2-gym", "air_purifier", "air-purifier", "b2"),
-    ("meter-main", "meter", "eastron-sdm630", None),
-]
-
-
-@contextlib.asynccontextmanager
-async def _modbus_units() -> AsyncIterator[list[dict[str, Any]]]:
-    """Simulated units on loopback Modbus TCP ports, and their site-config entries."""
-    ports = [free_port() for _ in MODBUS_UNITS]
-    specs = [UnitSpec(profile, port, seed=i)
-             for i, ((_, _, profile, _), port) in enumerate(zip(MODBUS_UNITS, ports, strict=True))]
-    async with SimulatedUnits(specs):
-        yield [
-            {"device_id": device_id, "kind": kind, "building": building, "host": "127.0.0.1",
-             "port": port, "unit_id": 1, "profile": profile, "poll_interval_s": 2.0}
-            for (device_id, kind, profile, building), port in zip(MODBUS_UNITS, ports, strict=True)
-        ]
-
-
 def _prepare_canteen(engine: Engine, people: DemoPeople) -> None:
-    """Every demo resident starts with 200.00 on their canteen purse."""
+    """Every named demo resident starts with 200.00 on their canteen purse."""
     ledger = Ledger(engine)
     for resident in people.residents:
         ledger.topup(resident.resident_id, 20_000, f"demo-welcome-{resident.resident_id}")
 
 
-async def lunch(resident: DemoResident, till: CanteenTerminal, period_s: float) -> None:
-    """A resident buying lunch: the phone's payment QR one day, the old canteen card the next."""
+async def lunch(resident: DemoResident, till: CanteenTerminal, period_s: float,
+                sim: Simulation | None = None) -> None:
+    """A resident buying lunch: the phone's payment QR one day, the old canteen card the
+    next; staff top the purse up when it runs low (the scenario's rule, through the API)."""
     phone = SimulatedPhone(resident.credential_id, resident.secret)
 
     def pay_by_phone() -> Credential:
@@ -343,3 +362,8 @@ async def lunch(resident: DemoResident, till: CanteenTerminal, period_s: float) 
             "approved" if answer.get("approved") else answer.get("reason", sale.outcome),
             (answer.get("balance_cents") or 0) / 100,
         )
+        balance = answer.get("balance_cents")
+        if sim is not None and (answer.get("reason") == "insufficient_funds" or (
+                isinstance(balance, int) and balance < sim.spec.canteen.topup_below_cents)):
+            await sim.top_up(resident.resident_id)
+            log.info("staff top up %s's canteen purse", resident.name)
