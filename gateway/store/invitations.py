@@ -31,9 +31,9 @@ from sqlalchemy import (
     update,
 )
 
-from gateway.store.directory_schema import Conflict, DirectoryError, NotFound, residents
+from gateway.store.directory_schema import DirectoryError, residents
 from gateway.store.metadata import metadata
-from gateway.store.users import Role, User, create_user, users
+from gateway.store.users import Role, User, create_user, require_loginless_resident
 
 user_invitations = Table(
     "user_invitations",
@@ -84,17 +84,7 @@ def create_invitation(conn: Connection, resident_id: str, *, ttl_s: float, now: 
     DirectoryError (a lifetime out of range)."""
     if not MIN_TTL_S <= ttl_s <= MAX_TTL_S:
         raise DirectoryError(f"ttl_s must be between {MIN_TTL_S} and {MAX_TTL_S} seconds")
-    row = conn.execute(select(residents.c.moved_out_at).where(
-        residents.c.resident_id == resident_id)).first()
-    if row is None:
-        raise NotFound(f"resident {resident_id!r} does not exist")
-    if row.moved_out_at is not None:
-        raise Conflict(f"resident {resident_id!r} has moved out")
-    holder = conn.execute(select(users.c.username).where(
-        users.c.resident_id == resident_id)).scalar()
-    if holder is not None:
-        raise Conflict(f"resident {resident_id!r} already has the login {holder!r}; "
-                       "reset its password instead")
+    require_loginless_resident(conn, resident_id)
     invitation_id, secret = secrets.token_hex(8), secrets.token_urlsafe(24)
     invitation = Invitation(invitation_id, resident_id, now + ttl_s)
     conn.execute(insert(user_invitations).values(

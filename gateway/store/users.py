@@ -151,7 +151,7 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
-def _check_resident(conn: Connection, resident_id: str) -> None:
+def require_loginless_resident(conn: Connection, resident_id: str) -> None:
     """A resident login needs a resident who exists, lives here and has no login yet."""
     row = conn.execute(select(residents.c.moved_out_at).where(
         residents.c.resident_id == resident_id)).first()
@@ -187,7 +187,7 @@ def create_user(
     if role is not Role.RESIDENT and resident_id is not None:
         raise DirectoryError(f"a {role.value} user has no resident_id; only residents do")
     if resident_id is not None:
-        _check_resident(conn, resident_id)
+        require_loginless_resident(conn, resident_id)
     taken = conn.execute(select(users.c.username).where(
         func.lower(users.c.username) == username.lower())).scalar()
     if taken is not None:
