@@ -129,6 +129,10 @@ class HashWorker:
     def _serve(self) -> None:
         with contextlib.suppress(OSError, AttributeError):  # not Linux: normal priority
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)
+        # SCHED_IDLE: below even nice 19, the hash runs only on a core nothing else wants,
+        # and argon2's lane threads inherit the policy too.
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
         while True:
             try:
                 job = self._jobs.get(timeout=IDLE_EXIT_S)

@@ -22,8 +22,15 @@ import pytest
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gateway.config import SiteConfig
-from gateway.devices.ha_discovery import discovery_messages, publish_discovery
-from simulators.demo.broker import Mosquitto
+from gateway.devices.ha_discovery import (
+    control_topic,
+    discovery_messages,
+    parse_control,
+    publish_discovery,
+)
+from simulators.demo.broker import Mosquitto, free_port
+from simulators.modbus_units import SimulatedUnits, UnitSpec
+from tests.community import running_gateway
 
 TOPIC = r"^[^#+]+$"
 
@@ -200,3 +207,49 @@ async def test_discovery_is_retained_on_the_broker(mosquitto: Mosquitto, tmp_pat
 def test_devices_home_assistant_does_not_model_get_no_entity(kind: str) -> None:
     devices = [d for d in _site().devices if d.kind == kind]
     assert devices and discovery_messages("scgw", "north", devices) == []
+
+
+def test_control_messages_become_register_values_or_a_reason() -> None:
+    root, site = "r", "s"
+    topic = lambda device, register: control_topic(root, site, device, register)  # noqa: E731
+    assert parse_control(root, site, topic("hvac-1", "hvac_mode"), b"off") == (
+        "hvac-1", {"running": 0.0})
+    assert parse_control(root, site, topic("hvac-1", "hvac_mode"), b"heat") == (
+        "hvac-1", {"running": 1.0, "mode": 1.0})
+    assert parse_control(root, site, topic("erv-1", "fan_speed_pct"), b" 55 ") == (
+        "erv-1", {"fan_speed_pct": 55.0})
+    for register, payload in [("hvac_mode", b"turbo"), ("fan_speed_pct", b"fast"),
+                              ("fan_speed_pct", b"nan"), ("fan_speed_pct", b"\xff")]:
+        refused = parse_control(root, site, topic("erv-1", register), payload)
+        assert isinstance(refused, str) and "erv-1" in refused, refused
+    assert isinstance(parse_control(root, site, "r/devices/erv-1/command", b"1"), str)
+
+
+async def test_home_assistant_controls_a_unit_through_the_gateways_checks(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A value Home Assistant publishes is written through the profile (in range: done;
+    out of range: refused and the unit untouched), answered on the unit's command/result."""
+    port = free_port()
+    unit = {"device_id": "erv-1", "kind": "fresh_air", "host": "127.0.0.1", "port": port,
+            "unit_id": 1, "profile": "fresh-air-erv", "poll_interval_s": 0.2}
+    async with (
+        SimulatedUnits([UnitSpec("fresh-air-erv", port)]) as sim,
+        running_gateway(mosquitto, tmp_path, extra_devices=[unit],
+                        site_extra={"home_assistant": {"discovery": True}}) as run,
+        aiomqtt.Client(mosquitto.host, mosquitto.port) as ha,
+    ):
+        await ha.subscribe(f"{run.root}/devices/erv-1/command/result", qos=1)
+        site = run.gateway.config.site.id
+        results = []
+        for value in (b"40", b"150"):
+            await ha.publish(control_topic(run.root, site, "erv-1", "fan_speed_pct"), value,
+                             qos=1)
+            async with asyncio.timeout(10):
+                async for message in ha.messages:
+                    assert isinstance(message.payload, bytes)
+                    results.append(json.loads(message.payload))
+                    break
+        assert results[0]["ok"] is True and results[0]["values"]["fan_speed_pct"] == 40
+        assert results[1]["ok"] is False
+        assert sim.unit(port).values()["fan_speed_pct"] == 40

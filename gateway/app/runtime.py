@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import signal
@@ -57,6 +58,12 @@ from gateway.app.telemetry_process import TelemetryProcess
 from gateway.canteen.offline_windows import OfflineWindows
 from gateway.canteen.terminals import CanteenService
 from gateway.config import ConfigError, SiteConfig
+from gateway.devices.ha_discovery import (
+    control_subscription,
+    control_topic,
+    parse_control,
+    publish_discovery,
+)
 from gateway.devices.live import AuditTap, DevicePresence, LiveFeed, PaymentTap, alert_event
 from gateway.devices.modbus import ModbusCommands, modbus_fleet
 from gateway.devices.polled_readings import PolledReadings
@@ -176,18 +183,24 @@ class Gateway:
         router = self.router
         alerts_prefix = f"{cfg.mqtt.root}/alerts/"
 
+        ha_control = (control_topic(cfg.mqtt.root, cfg.site.id, "", "")[:-1]
+                      if cfg.home_assistant.discovery else None)
+
         async def on_control(topic: str, payload: bytes) -> None:
             if topic == health:
                 self.telemetry_health.update(payload)
             elif topic.startswith(alerts_prefix):
                 alert_event(hub, payload)
+            elif ha_control is not None and topic.startswith(ha_control):
+                await self._home_assistant_asks(topic, payload, commands)
             else:
                 await router.on_message(topic, payload)
 
         self.link = await stack.enter_async_context(self._mqtt_link(
             f"{client_id}-ctl",
             [*control_subscriptions(cfg.mqtt.root), *commands.subscriptions(),
-             *router.watch_subscriptions(), health, alert_subscription(cfg.mqtt.root)],
+             *router.watch_subscriptions(), health, alert_subscription(cfg.mqtt.root),
+             *([control_subscription(cfg.mqtt.root, cfg.site.id)] if ha_control else [])],
             on_control, supervisor,
             status_topic=gateway_status_topic(cfg.mqtt.root, cfg.site.id)))
         self._register_link_metrics()
@@ -249,11 +262,24 @@ class Gateway:
             supervisor=supervisor,
         )
 
+    async def _home_assistant_asks(self, topic: str, payload: bytes,
+                                   commands: ModbusCommands) -> None:
+        """A Home Assistant control message becomes the contract's `set` command for the
+        unit: the same profile checks, the same answer on `command/result`."""
+        asked = parse_control(self.config.mqtt.root, self.config.site.id, topic, payload)
+        device = None if isinstance(asked, str) else next(
+            (d for d in self.config.devices if d.device_id == asked[0] and d.is_modbus), None)
+        if isinstance(asked, str) or device is None:
+            log.warning("home assistant: refused %s", asked if isinstance(asked, str)
+                        else f"{asked[0][:64]!r}: not a Modbus unit of this site")
+            return
+        command = {"action": "set", "command_id": f"ha-{secrets.token_hex(4)}",
+                   "values": asked[1]}
+        await commands.handle(device, json.dumps(command).encode())
+
     async def _announce_to_home_assistant(self) -> None:
         """Home Assistant discovery, once connected: the configs are retained at the broker,
         so one announcement a start is enough (HA reads them whenever it starts)."""
-        from gateway.devices.ha_discovery import publish_discovery
-
         link = self.link
         assert link is not None  # spawned after the link is up
         await link.connected.wait()

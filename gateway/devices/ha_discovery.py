@@ -8,14 +8,16 @@ device's `devices/{id}/telemetry`, or for a Modbus unit the poller's
 `gateway/{site}/polled/{id}`) and a status topic for availability (`_availability_topic`).
 Their commands go to `{root}/gateway/{site}/control/{device}/{register}`, a topic only the
 gateway reads, to be turned into the same checked, audited register write as
-`POST /devices/{id}/set` (that subscriber is not wired yet: see docs/deploy.md), never to the
-device's own command topic: Home Assistant is another client, not a trusted one.
+`POST /devices/{id}/set` (`parse_control`, wired by the runtime when discovery is on): the
+profile's limits, writability and integer checks apply. Never the device's own command
+topic: Home Assistant is another client, not a trusted one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -60,6 +62,43 @@ class Discovery:
 def control_topic(root: str, site_id: str, device_id: str, register: str) -> str:
     """Where Home Assistant asks the gateway to write `register` (payload: the value)."""
     return f"{root}/gateway/{site_id}/control/{device_id}/{register}"
+
+
+def control_subscription(root: str, site_id: str) -> str:
+    return control_topic(root, site_id, "+", "+")
+
+
+def parse_control(root: str, site_id: str, topic: str,
+                  payload: bytes) -> tuple[str, dict[str, float]] | str:
+    """(device id, register values) Home Assistant asked for, or what is wrong with it.
+
+    `hvac_mode` is Home Assistant's word, not a register: "off" stops the unit, a mode
+    starts it in that mode. Every other name is a register, its payload a number; whether
+    the register exists, is writable and takes that value is the profile's to say.
+    """
+    prefix = control_topic(root, site_id, "", "")[:-1]
+    device_id, _, register = topic[len(prefix):].partition("/") if topic.startswith(
+        prefix) else ("", "", "")
+    if not device_id or not register or "/" in register:
+        return f"not a control topic: {topic[:200]!r}"
+    try:
+        text = payload.decode().strip()
+    except UnicodeDecodeError:
+        return f"{device_id}/{register}: the payload is not text"
+    if register == "hvac_mode":
+        if text == "off":
+            return device_id, {"running": 0.0}
+        modes = {name: code for code, name in HVAC_MODES.items()}
+        if text not in modes:
+            return f"{device_id}: unknown hvac_mode {text[:40]!r}"
+        return device_id, {"running": 1.0, "mode": float(modes[text])}
+    try:
+        value = float(text)
+    except ValueError:
+        return f"{device_id}/{register}: {text[:40]!r} is not a number"
+    if not math.isfinite(value):
+        return f"{device_id}/{register}: {text[:40]!r} is not a finite number"
+    return device_id, {register: value}
 
 
 def _metric(name: str) -> str:
