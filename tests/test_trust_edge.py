@@ -166,8 +166,16 @@ class GatewayProcess:
 
     def kill9(self) -> None:
         assert self.proc is not None
+        workers = _children(self.proc.pid)
+        assert workers, "the gateway runs a telemetry worker"
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        # The worker runs in a session of its own (a terminal's Ctrl-C is the gateway's), so
+        # the kill above missed it: Linux tells it its gateway died, and it ends.
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, f"orphaned telemetry worker {workers}"
+            time.sleep(0.1)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -214,6 +222,21 @@ async def running(town: Community, root: str, name: str) -> AsyncIterator[Gatewa
         yield gateway
     finally:
         gateway.stop()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
 
 
 def audited_request_ids(db_url: str) -> set[str]:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 
 from gateway.config import SiteConfig
+from gateway.telemetry import PARENT_PID_ENV
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class TelemetryProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.telemetry.worker",
             stdin=asyncio.subprocess.PIPE,
+            env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
             start_new_session=True,  # Ctrl-C reaches the gateway, which stops the worker in order
         )
         self.process = proc

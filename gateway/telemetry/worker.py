@@ -48,6 +48,7 @@ from device_drivers.mqtt_protocol import alert_topic, polled_subscription, polle
 from device_drivers.vocabulary import Reading
 from gateway.config import SiteConfig
 from gateway.store.db import make_engine
+from gateway.telemetry import PARENT_PID_ENV
 from gateway.telemetry.alerts import AlertStore
 from gateway.telemetry.health import health_topic
 from gateway.telemetry.ingest import Ingest
@@ -459,7 +460,7 @@ def _end_with_parent() -> None:
     """
     if sys.platform != "linux":
         return
-    parent = os.getppid()
+    parent = int(os.environ.get(PARENT_PID_ENV, "0")) or os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
