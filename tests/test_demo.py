@@ -25,7 +25,7 @@ import pytest
 from simulators.demo.broker import mosquitto_binary
 from tests.servers import require
 
-MODBUS_UNITS = {"hvac-b1-lobby", "erv-b1", "purifier-b2-gym", "meter-main"}
+MODBUS_UNITS = {"hvac-b1-lobby", "erv-b1", "purifier-b2-gym", "meter-plant"}
 
 
 async def _start_demo(tmp_path: Path, *args: str) -> tuple[asyncio.subprocess.Process,
