@@ -209,11 +209,15 @@ async def resident_life(
     elevator = readers[f"elev-{resident.building}-1"]
     while True:
         gate = random.choice(gates)
-        decision = await gate.present("qr", phone.qr())
-        log.info("%s shows a QR at %s: %s", resident.name, gate.device_id, _brief(decision))
-        decision = await elevator.present("card", resident.cards["elevator"])
-        log.info("%s taps the elevator card in %s: %s", resident.name, elevator.device_id,
-                 _brief(decision))
+        try:
+            decision = await gate.present("qr", phone.qr())
+            log.info("%s shows a QR at %s: %s", resident.name, gate.device_id,
+                     _brief(decision))
+            decision = await elevator.present("card", resident.cards["elevator"])
+            log.info("%s taps the elevator card in %s: %s", resident.name,
+                     elevator.device_id, _brief(decision))
+        except TimeoutError:  # a busy broker or gateway: a real reader says "try again"
+            log.warning("%s got no answer in time; trying again later", resident.name)
         await asyncio.sleep(period_s * random.uniform(0.7, 1.3))
 
 

@@ -349,7 +349,12 @@ class Simulation:
         payload = encode({"request_id": request_id, "ts": event.ts,
                           "credential": {"type": cred.type, "value": cred.value}})
         self.stats.published["access/request"] += 1
-        answer = await reader.send_raw(payload, request_id, self.answer_timeout_s)
+        try:
+            answer = await reader.send_raw(payload, request_id, self.answer_timeout_s)
+        except TimeoutError:  # a real reader shows "try again"; the community goes on
+            self.stats.decisions["unanswered"] += 1
+            log.warning("%s: no decision within %.1f s", event.device, self.answer_timeout_s)
+            return
         if answer.get("granted"):
             self.stats.decisions["granted"] += 1
         else:
