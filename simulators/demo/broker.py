@@ -17,6 +17,7 @@ import ctypes
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -78,10 +79,34 @@ def mosquitto_conf(port: int, host: str, data_dir: Path) -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, for a server started a moment later.
+
+    Chosen below the kernel's ephemeral range (where bind(0) would pick), so that no
+    outgoing connection made in between takes it: with many clients connecting while
+    servers start (tests on parallel workers), bind(0)'s port was sometimes in use by the
+    time the server bound it.
+    """
+    low, _ = _ephemeral_range()
+    candidates = list(range(max(1024, low - 12000), low))
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
