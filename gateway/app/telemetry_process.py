@@ -67,7 +67,7 @@ class TelemetryProcess:
             sys.executable, "-m", "gateway.telemetry.worker",
             stdin=asyncio.subprocess.PIPE,
             env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
-            start_new_session=True,  # Ctrl-C reaches the gateway, which stops the worker in order
+            process_group=0,  # Ctrl-C reaches the gateway, which stops the worker in order
         )
         self.process = proc
         assert proc.stdin is not None

@@ -53,6 +53,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
+
 from device_drivers.mqtt_protocol import MAX_PAYLOAD_BYTES
 from device_drivers.vocabulary import PLAUSIBLE_RANGES, DeviceEvent, Reading
 
@@ -301,20 +303,16 @@ class Ingest:
         return False
 
 
-_raw_decode = json.JSONDecoder().raw_decode
-
-
 def _parse(payload: bytes) -> Any:
-    """`json.loads`, minus its per-call overhead (measured: 2.3 us against 6.6 us a payload,
-    a third of ingest). Anything unusual goes to `json.loads` for its verdict and message."""
-    text = payload.decode()  # UnicodeDecodeError is a ValueError
+    """orjson (measured: 1.4 us against 5.9 us a payload for `json.loads`, the largest part of
+    ingest). orjson is stricter than the contract's devices may be: it refuses NaN and
+    Infinity literals and integers beyond 64 bits, which `json` reads and the value checks
+    then refuse with their own reason (`not_finite`, `bad_timestamp`). So whatever orjson
+    refuses goes to `json.loads` for the verdict and its message; only bad input pays twice."""
     try:
-        value, end = _raw_decode(text)
-    except ValueError:
-        return json.loads(text)  # leading whitespace; or raises with the real message
-    if end != len(text) and text[end:].strip(" \t\r\n"):
-        return json.loads(text)  # raises "Extra data"
-    return value
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return json.loads(payload.decode())  # UnicodeDecodeError is a ValueError
 
 
 def _json_type(value: Any) -> str:

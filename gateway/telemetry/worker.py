@@ -37,7 +37,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,13 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy import Engine
 
 from device_drivers.mqtt_protocol import alert_topic, polled_subscription, polled_topic
-from device_drivers.vocabulary import Reading
 from gateway.config import SiteConfig
 from gateway.store.db import make_engine
 from gateway.telemetry import PARENT_PID_ENV
 from gateway.telemetry.alerts import AlertStore
 from gateway.telemetry.health import health_topic
 from gateway.telemetry.ingest import Ingest
-from gateway.telemetry.records import encode_event, encode_reading
+from gateway.telemetry.records import ReadingMemo, encode_event, encode_reading
 from gateway.telemetry.rollups import RollupStore
 from gateway.telemetry.rules_site import load_rule_set, rules_digest, site_context
 from gateway.telemetry.spool import Spool
@@ -70,7 +69,7 @@ log = logging.getLogger("gateway.telemetry.worker")  # also when run as __main__
 SESSION_EXPIRY_S = 86_400
 HEALTH_EVERY_S = 2.0
 NICENESS = 10  # lower CPU priority than the access process
-MEMO_MAX = 20_000  # readings kept for the local store between append and read (~10 MB)
+MEMO_MAX = 10_000  # readings kept per consumer between append and read (~5 MB each)
 STOP_JOIN_S = 5.0  # the main process kills the worker 10 s after SIGTERM
 
 
@@ -95,14 +94,13 @@ class SpoolIngestor:
     """The MQTT sink: each message through `Ingest`, its records appended on `flush()`.
 
     Records are gathered per network read and appended in one call just before the PUBACKs
-    of that read are queued, so an acknowledged reading is always in the spool. `memo` maps
-    a record to its `Reading` for the local-store consumer, which then skips decoding the
-    line it reads back (measured: decoding cost more than all of ingest); bounded, and only
-    a shortcut: a record missing from it (after a restart, a drop, a full memo) is decoded.
+    of that read are queued, so an acknowledged reading is always in the spool. Each of
+    `memos` (one per consumer in this process, see `ReadingMemo`) gets every record's
+    `Reading`, so the consumers skip parsing the lines they read back.
     """
 
     def __init__(self, ingest: Ingest, spool: Spool, *, root: str, site: str,
-                 memo: dict[bytes, Reading] | None = None, memo_max: int = MEMO_MAX,
+                 memos: Sequence[ReadingMemo] = (),
                  clock: Callable[[], float] = time.time,
                  buildings: Mapping[str, str | None] | None = None,
                  polled: Collection[str] = ()) -> None:
@@ -110,7 +108,7 @@ class SpoolIngestor:
         self._buildings = dict(buildings or {})  # the optional `building` tag per device
         self._polled = frozenset(polled)  # Modbus units: readings only from the poller
         self._polled_prefix = polled_topic(root, site, "").encode()
-        self.memo, self.memo_max = memo, memo_max
+        self.memos = tuple(memos)
         self._prefix, self._suffix = f"{root}/devices/".encode(), b"/telemetry"
         self._known = set(ingest.kinds)
         self._devices: dict[bytes, str] = {}
@@ -143,7 +141,7 @@ class SpoolIngestor:
                                    "come from the gateway's poller; its device topic is refused")
                 return
         readings = self.ingest.message(device, payload, self.clock())
-        memo = self.memo
+        memos = self.memos
         for reading in readings:
             record = encode_reading(reading, self.site,
                                     self._buildings.get(reading.device_id))
@@ -151,8 +149,8 @@ class SpoolIngestor:
                 self.ingest.refused["unwritable"] += 1
                 continue
             self._pending.append(record)
-            if memo is not None and len(memo) < self.memo_max:
-                memo[record] = reading
+            for memo in memos:
+                memo.put(record, reading)
 
     def _event(self, topic: bytes, payload: bytes) -> None:
         raw = topic.removeprefix(self._prefix).removesuffix(b"/event")
@@ -337,12 +335,12 @@ class TelemetryWorker:
         except BaseException:
             spool.close()
             raise
-        memo: dict[bytes, Reading] = {}
+        memos = {name: ReadingMemo(MEMO_MAX) for name in ("local", "rules")}
         local = LocalStoreConsumer(spool, RollupStore(engine, telemetry.local_retention_days),
-                                   memo=memo, backoff_max_s=self.retry_max_s)
+                                   memo=memos["local"], backoff_max_s=self.retry_max_s)
         client: IngestClient | None = None
         try:
-            rules = self._rules_consumer(spool, engine, lambda: client)
+            rules = self._rules_consumer(spool, engine, lambda: client, memos["rules"])
         except BaseException:
             spool.close()
             engine.dispose()
@@ -354,7 +352,8 @@ class TelemetryWorker:
             self._start("telemetry-rules", rules.run)
             if writer is not None:
                 self._start("telemetry-influxdb", writer.run)
-            sink = SpoolIngestor(self.ingest, spool, root=self.root, site=self.site, memo=memo,
+            sink = SpoolIngestor(self.ingest, spool, root=self.root, site=self.site,
+                                 memos=list(memos.values()),
                                  buildings={d.device_id: d.building
                                             for d in self.config.devices},
                                  polled=[d.device_id for d in self.config.devices
@@ -381,7 +380,8 @@ class TelemetryWorker:
         return 0
 
     def _rules_consumer(self, spool: Spool, engine: Engine,
-                        client: Callable[[], IngestClient | None]) -> RulesConsumer:
+                        client: Callable[[], IngestClient | None], memo: ReadingMemo
+                        ) -> RulesConsumer:
         """The live rules engine on the spool; a bad rule file ends the worker (exit 2)."""
         rule_set = load_rule_set(self.config.rules.files)
         context = site_context(self.config)
@@ -401,7 +401,7 @@ class TelemetryWorker:
         log.info("rules: %d rules (%s)", len(rule_set),
                  ", ".join(self.config.rules.files) or "the bundled defaults")
         return RulesConsumer(spool, AlertStore(engine), make, rules_digest=rules_digest(rule_set),
-                             site=self.site, publish=publish)
+                             site=self.site, publish=publish, memo=memo)
 
     def _writer(self, spool: Spool, directory: Path) -> InfluxWriter | None:
         influx = self.config.influxdb

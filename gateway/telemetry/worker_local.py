@@ -25,7 +25,7 @@ from typing import Protocol
 from sqlalchemy.exc import SQLAlchemyError
 
 from device_drivers.vocabulary import Reading
-from gateway.telemetry.records import RecordError, decode_record
+from gateway.telemetry.records import ReadingMemo
 from gateway.telemetry.spool import Spool, SpoolClosedError
 
 log = logging.getLogger(__name__)
@@ -51,19 +51,20 @@ class RollupSink(Protocol):
 class LocalStoreConsumer:
     """Drains the `local` spool cursor into `store` until `stop()`; `run()` blocks.
 
-    `memo` (record -> Reading, filled by ingest) spares decoding records read back soon
-    after they were appended; ingest rounds timestamps to the millisecond, so a reading from
-    the memo equals the decoded one and replays count the same minutes.
+    `memo` (filled by ingest, see `ReadingMemo`) spares decoding records read back soon
+    after they were appended; a reading from it equals the decoded one, so replays count the
+    same minutes.
 
     Counters are plain attributes written by the consumer thread only (the health report
     reads them): `state`, `written` (readings applied), `retries`, `quarantined` (records
     that are not readings of our schema), `last_error`, `pruned`.
     """
 
-    def __init__(self, spool: Spool, store: RollupSink, *, memo: dict[bytes, Reading] | None = None,
-                 memo_stale: int = 10_000, linger_s: float = 0.2, backoff_max_s: float = 30.0,
+    def __init__(self, spool: Spool, store: RollupSink, *, memo: ReadingMemo | None = None,
+                 linger_s: float = 0.2, backoff_max_s: float = 30.0,
                  prune_every_s: float = PRUNE_EVERY_S) -> None:
-        self.spool, self.store, self.memo, self.memo_stale = spool, store, memo, memo_stale
+        self.spool, self.store = spool, store
+        self.memo = memo if memo is not None else ReadingMemo(0)
         self.linger_s, self.backoff_max_s = linger_s, backoff_max_s
         self.prune_every_s = prune_every_s
         self.state = "starting"
@@ -98,10 +99,7 @@ class LocalStoreConsumer:
         self._maybe_prune()
         batch = self.spool.read(CONSUMER)
         if not batch.records:
-            if self.memo is not None and len(self.memo) > self.memo_stale:
-                # Caught up, yet the memo is big: its entries are of records that will never
-                # be read (dropped by a full spool), not of the read or two being appended.
-                self.memo.clear()
+            self.memo.caught_up()
             self.spool.wait(CONSUMER, wait_s)
             return 0
         if batch.first_appended is not None and len(batch.records) < LINGER_BELOW:
@@ -116,9 +114,7 @@ class LocalStoreConsumer:
                 return 0
         assert self._applied is not None
         skip = max(0, min(len(batch.records), self._applied - batch.start.recno))
-        if skip and self.memo:
-            for record in batch.records[:skip]:
-                self.memo.pop(record, None)
+        self.memo.forget(batch.records[:skip])
         readings = self._decode(batch.records[skip:])
         if skip < len(batch.records) and not self._apply(readings, batch.end.recno):
             return 0  # stopping
@@ -146,24 +142,13 @@ class LocalStoreConsumer:
         return True
 
     def _decode(self, records: list[bytes]) -> list[Reading]:
-        readings = []
-        memo = self.memo if self.memo is not None else {}
-        for record in records:
-            known = memo.pop(record, None)
-            if known is not None:
-                readings.append(known)
-                continue
-            try:
-                decoded = decode_record(record)
-            except RecordError as exc:
-                if not self.quarantined:
-                    log.warning("local store: spool record that is not a point of our schema "
-                                "skipped (%s); further ones are only counted", exc)
-                self.quarantined += 1
-                continue
-            if isinstance(decoded, Reading):
-                readings.append(decoded)
-        return readings
+        decoded, bad = self.memo.decode(records)
+        if bad:
+            if not self.quarantined:
+                log.warning("local store: spool record that is not a point of our schema "
+                            "skipped (%s); further ones are only counted", bad[0])
+            self.quarantined += len(bad)
+        return [item for item in decoded if isinstance(item, Reading)]
 
     def _apply(self, readings: list[Reading], end_recno: int) -> bool:
         attempt = 0

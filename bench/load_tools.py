@@ -1,0 +1,91 @@
+"""Load and probes that run as processes of their own beside a measured gateway.
+
+Why processes, and why these: a benchmark measures the gateway, not its apparatus. A card
+reader in the process that also parses InfluxDB query results and samples RSS is delayed by
+that work and reports it as access latency (measured: 39 ms p99 against 17 ms for the same
+run from its own process). A Python paho publisher at 2,000 msg/s takes a fifth of a core of
+the same two cores the gateway has; `mosquitto_pub -l` fed lines at a paced rate costs a
+fraction of that, as devices on the network would cost the gateway box nothing.
+
+    python -m bench.load_tools cards HOST PORT CARD COUNT INTERVAL_S   -> JSON summary
+    python -m bench.load_tools telemetry HOST PORT RATE SECONDS METERS  -> readings sent
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+FIRST_SEQ = 10_000_000
+"""Seqs of the paced load start here, so an observer can tell its readings from others."""
+
+
+def paced_telemetry(host: str, port: int, rate: int, seconds: float, meters: int,
+                    root: str = "scgw") -> int:
+    """`rate` single-reading messages a second (QoS 1) spread over `meters` devices, one
+    `mosquitto_pub -l` per device fed ten times a second; returns the readings sent."""
+    pub = shutil.which("mosquitto_pub")
+    assert pub is not None, "mosquitto_pub missing (apt-get install mosquitto-clients)"
+    pubs = [subprocess.Popen([pub, "-h", host, "-p", str(port), "-q", "1", "-l",
+                              "-t", f"{root}/devices/meter-{m}/telemetry"],
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+            for m in range(meters)]
+    per_tick = max(1, rate // 10 // meters)
+    seq, sent, started, tick = FIRST_SEQ, 0, time.monotonic(), 0
+    while time.monotonic() - started < seconds:
+        now = time.time()
+        for proc in pubs:
+            lines = []
+            for i in range(per_tick):  # a millisecond apart: one point each in InfluxDB
+                seq += 1
+                lines.append(f'{{"ts":{now + i / 1000:.3f},"seq":{seq},'
+                             f'"metrics":{{"power_w":1.0}}}}\n')
+            assert proc.stdin is not None
+            proc.stdin.write("".join(lines).encode())
+            proc.stdin.flush()
+            sent += per_tick
+        tick += 1
+        time.sleep(max(0.0, started + tick * 0.1 - time.monotonic()))
+    for proc in pubs:
+        assert proc.stdin is not None
+        proc.stdin.close()
+    for proc in pubs:
+        proc.wait(30)
+    return sent
+
+
+async def run_cards(host: str, port: int, card: str, count: int,
+                    interval_s: float) -> dict[str, object]:
+    from bench.bench_flood import present_cards
+    return await present_cards(host, port, card, count, interval_s)
+
+
+def main(argv: list[str]) -> None:
+    what, host, port = argv[0], argv[1], int(argv[2])
+    if what == "cards":
+        print(json.dumps(asyncio.run(run_cards(host, port, argv[3], int(argv[4]),
+                                               float(argv[5])))))
+    elif what == "telemetry":
+        print(paced_telemetry(host, port, int(argv[3]), float(argv[4]), int(argv[5])))
+    else:
+        raise SystemExit(f"unknown load {what!r}: cards or telemetry")
+
+
+async def cards_process(host: str, port: int, card: str, count: int,
+                        interval_s: float) -> dict[str, object]:
+    """`present_cards` from a process of its own (see the module docstring)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.load_tools", "cards", host, str(port), card, str(count),
+        str(interval_s), stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, f"card probe failed ({proc.returncode})"
+    result: dict[str, object] = json.loads(out)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
