@@ -170,7 +170,7 @@ class GatewayProcess:
         assert workers, "the gateway runs a telemetry worker"
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
-        # The worker runs in a session of its own (a terminal's Ctrl-C is the gateway's), so
+        # The worker runs in a process group of its own (a terminal's Ctrl-C is the gateway's), so
         # the kill above missed it: Linux tells it its gateway died, and it ends.
         deadline = time.monotonic() + 30
         while any(_alive(pid) for pid in workers):

@@ -67,7 +67,12 @@ class TelemetryProcess:
             sys.executable, "-m", "gateway.telemetry.worker",
             stdin=asyncio.subprocess.PIPE,
             env={**os.environ, PARENT_PID_ENV: str(os.getpid())},
-            process_group=0,  # Ctrl-C reaches the gateway, which stops the worker in order
+            # Its own process group: a terminal's Ctrl-C reaches the gateway, which stops the
+            # worker in order. Not a session of its own: with autogroup scheduling (most
+            # distributions' default) a new session is a scheduling group of its own, where
+            # the worker's nice 10 ranks it only against itself and it takes as much CPU as
+            # the whole gateway (measured: access p99 at 2,000 readings/s 18 ms against 12).
+            process_group=0,
         )
         self.process = proc
         assert proc.stdin is not None

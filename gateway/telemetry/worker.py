@@ -454,7 +454,7 @@ def run_worker(config: SiteConfig, stop: threading.Event | None = None) -> int:
 def _end_with_parent() -> None:
     """Ask Linux to SIGTERM this worker when the gateway dies, kill -9 included.
 
-    The gateway starts the worker in a session of its own (a terminal's Ctrl-C is the
+    The gateway starts the worker in a process group of its own (a terminal's Ctrl-C is the
     gateway's to handle, and it stops the worker in order), so without this a killed gateway
     would leave an orphan holding the spool lock and the MQTT session.
     """
