@@ -1,4 +1,4 @@
-"""`scgw rules replay`'s line handling (gateway/app/cli_rules.py `replay_stream`): the inline
+"""`scgw rules replay`'s line handling (gateway/app/rules_replay.py `replay_stream`): the inline
 fast path and the checked path give the same readings, and every bad line is reported with
 its number, whichever JSON parser is installed."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.app import cli_rules
+from gateway.app import rules_replay
 from rules.engine import Engine
 from rules.model import Match, SiteContext, ThresholdRule
 
@@ -36,17 +36,17 @@ BAD = [
 
 
 def parsers() -> list[Callable[[], Callable[[str], Any]]]:
-    return [cli_rules.json_loads, lambda: json.loads]
+    return [rules_replay.json_loads, lambda: json.loads]
 
 
 @pytest.mark.parametrize("parser", parsers(), ids=["installed", "stdlib"])
 def test_good_lines_replay_and_bad_ones_are_named(
         parser: Callable[[], Callable[[str], Any]], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_rules, "json_loads", parser)
+    monkeypatch.setattr(rules_replay, "json_loads", parser)
     lines = [*GOOD[:2], "", *[text for text, _ in BAD], *GOOD[2:], "   "]
     out, err = io.StringIO(), io.StringIO()
     engine = Engine(RULES, SiteContext(timezone="UTC"))
-    count, bad, emitted = cli_rules.replay_stream(
+    count, bad, emitted = rules_replay.replay_stream(
         io.StringIO("\n".join(lines) + "\n"), engine, {}, out, err)
     assert (count, bad, emitted) == (4, len(BAD), 2)
     states = [(a["state"], a["value"]) for a in map(json.loads, out.getvalue().splitlines())]
@@ -59,11 +59,11 @@ def test_good_lines_replay_and_bad_ones_are_named(
 
 
 def test_a_batch_boundary_keeps_every_reading(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cli_rules, "BATCH", 3)
+    monkeypatch.setattr(rules_replay, "BATCH", 3)
     lines = [json.dumps({"device_id": "m-1", "kind": "meter", "ts": 1000 + i,
                          "metrics": {"power_w": 200.0 if i % 4 == 1 else 10.0}})
              for i in range(10)]
     out, err = io.StringIO(), io.StringIO()
     engine = Engine(RULES, SiteContext(timezone="UTC"))
-    assert cli_rules.replay_stream(io.StringIO("\n".join(lines)), engine, {}, out,
+    assert rules_replay.replay_stream(io.StringIO("\n".join(lines)), engine, {}, out,
                                    err) == (10, 0, 5)  # 3 firings, 2 resolutions

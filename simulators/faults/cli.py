@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from rules.scoring import Report
+if TYPE_CHECKING:  # the scoring brings numpy, and every `scgw` command imports this module
+    from rules.scoring import Report
 
 
 def register_rules(rules_app: typer.Typer) -> None:

@@ -1,0 +1,18 @@
+"""What the gateway process imports: memory an edge box pays for every running minute."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_the_gateway_process_does_not_import_the_rules_engine_or_numpy() -> None:
+    """`scgw run` evaluates no rules (its telemetry worker does): numpy and the engine cost
+    ~15 MB of RSS there for nothing. Guards against a module-level import creeping back in
+    through the command line's sub-commands or plugins."""
+    probe = ("import sys, gateway.app.cli, gateway.app.runtime; "
+             "print(sorted(m for m in ('numpy', 'rules.engine', 'rules.scoring', "
+             "'simulators.faults.generator') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
