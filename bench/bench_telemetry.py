@@ -4,7 +4,8 @@ Everything runs against real Mosquitto and InfluxDB 1.x, with `scgw run` (and it
 worker child) as separate processes. Each ratio is against a peer measured in the same run:
 
 - ingest: two `mosquitto_pub -l` floods of single-reading messages for 6 s; the worker's
-  own count (its health report) vs `mosquitto_sub | wc -l` on the same flood (target >= 0.35x);
+  own count (its health report) vs `mosquitto_sub | wc -l` on the same flood, in three
+  rounds (each has its own fresh seqs), the median round reported (target >= 0.35x);
 - writer: the spool + v1 writer draining M points into InfluxDB vs raw gzip `/write` POSTs
   of 5,000 lines (target >= 0.5x);
 - at 2,000 readings/s for 20 s (paced `mosquitto_pub`, QoS 1): reading -> queryable p99 of
@@ -31,7 +32,7 @@ import httpx
 
 from bench.bench_flood import wait_for_gateway
 from bench.harness import gateway_process, percentile
-from bench.load_tools import FIRST_SEQ, cards_process
+from bench.load_tools import FIRST_SEQ, access_and_floor
 from device_drivers.vocabulary import Reading
 from gateway.telemetry.records import encode_readings
 from gateway.telemetry.spool import Spool
@@ -226,24 +227,27 @@ async def steady_load(broker: Mosquitto, influx: InfluxDB, gateway_pid: int, car
             await asyncio.sleep(0.1)
 
     observer = asyncio.create_task(observe())
-    access = await cards_process(broker.host, broker.port, card, int(seconds / 0.05), 0.05)
+    access, echo = await access_and_floor(broker.host, broker.port, card, int(seconds / 0.05),
+                                          0.05)
     out, _ = await producer.communicate()
     await asyncio.wait_for(observer, 60)
     return {"readings_sent": int(out), "queryable_sampled": len(latencies),
             "queryable_p50_s": round(percentile(latencies, 0.5), 3),
             "queryable_p99_s": round(percentile(latencies, 0.99), 3),
             "rss_max_mb_gateway_plus_worker": round(max(rss), 1),
-            "rss_max_mb_worker": round(max(worker_rss), 1), "access": access}
+            "rss_max_mb_worker": round(max(worker_rss), 1), "access": access,
+            "broker_echo": echo}
 
 
-async def main(count: int) -> dict[str, Any]:
+async def main(count: int, rounds: int) -> dict[str, Any]:
     meters = [{"device_id": f"meter-{i}", "kind": "meter"} for i in range(METERS)]
     with tempfile.TemporaryDirectory() as tmp, influxdb_server() as influx, \
             Mosquitto() as broker:
         work = Path(tmp)
-        flood_lines = work / "flood.jsonl"
-        reading_lines(flood_lines, count)
-        peer = peer_sub_rate(broker, flood_lines)
+        floods = []  # fresh seqs each round: a repeated one would be a cheap duplicate
+        for number in range(rounds):
+            floods.append(work / f"flood-{number}.jsonl")
+            reading_lines(floods[-1], count, first_seq=1 + number * count)
         writer = measure_writer(influx, work, 100_000)
         procs: list[subprocess.Popen[bytes]] = []
         site = {"influxdb": {"url": influx.url, "api": "v1", "database": "scgw"},
@@ -251,17 +255,23 @@ async def main(count: int) -> dict[str, Any]:
         with gateway_process(broker, work, meters, site_extra=site, processes=procs) as people:
             card = people.residents[0].cards["gate"]
             await wait_for_gateway(broker.host, broker.port, card)
-            idle = await cards_process(broker.host, broker.port, card, 200, 0.05)
-            ingest = await asyncio.to_thread(worker_ingest_rate, broker, flood_lines)
-            await asyncio.to_thread(wait_until_drained, broker)
+            idle, idle_echo = await access_and_floor(broker.host, broker.port, card, 200, 0.05)
+            ingest: list[tuple[float, float]] = []
+            for flood_lines in floods:  # the peer and the worker in turn, on one flood each
+                peer = peer_sub_rate(broker, flood_lines)
+                ours = await asyncio.to_thread(worker_ingest_rate, broker, flood_lines)
+                await asyncio.to_thread(wait_until_drained, broker)
+                ingest.append((ours, peer))
             load = await steady_load(broker, influx, procs[0].pid, card, 2000, 20.0)
     flood_p99 = load["access"]["p99_ms"]
+    ratios = sorted(ours / peer for ours, peer in ingest)
+    ours, peer = sorted(ingest, key=lambda pair: pair[0] / pair[1])[len(ingest) // 2]
     return {
-        "ingest": {"gateway_msg_per_s": round(ingest),
-                   "mosquitto_sub_msg_per_s": round(peer), "ratio": round(ingest / peer, 2),
-                   "target": ">= 0.35"},
+        "ingest": {"gateway_msg_per_s": round(ours), "mosquitto_sub_msg_per_s": round(peer),
+                   "ratio": round(ours / peer, 2), "ratio_of_each_round": [
+                       round(r, 2) for r in ratios], "target": ">= 0.35 (the median round)"},
         "writer": {**writer, "target": ">= 0.5"},
-        "at_2000_per_s": {**load, "access_idle": idle,
+        "at_2000_per_s": {**load, "access_idle": idle, "broker_echo_idle": idle_echo,
                           "access_p99_ratio": round(flood_p99 / idle["p99_ms"], 2)
                           if flood_p99 and idle["p99_ms"] else None,
                           "targets": "queryable p99 <= 2 s, RSS <= 150 MB, access <= 1.5x"},
@@ -271,5 +281,7 @@ async def main(count: int) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=500_000, help="lines in the flood file")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="ingest rounds (peer, then worker); the median is reported")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(main(args.messages)), indent=2))
+    print(json.dumps(asyncio.run(main(args.messages, args.rounds)), indent=2))

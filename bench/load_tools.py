@@ -8,6 +8,7 @@ the same two cores the gateway has; `mosquitto_pub -l` fed lines at a paced rate
 fraction of that, as devices on the network would cost the gateway box nothing.
 
     python -m bench.load_tools cards HOST PORT CARD COUNT INTERVAL_S   -> JSON summary
+    python -m bench.load_tools echo HOST PORT COUNT INTERVAL_S         -> JSON summary
     python -m bench.load_tools telemetry HOST PORT RATE SECONDS METERS  -> readings sent
 """
 
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Any
 
 FIRST_SEQ = 10_000_000
 """Seqs of the paced load start here, so an observer can tell its readings from others."""
@@ -69,22 +71,34 @@ def main(argv: list[str]) -> None:
     if what == "cards":
         print(json.dumps(asyncio.run(run_cards(host, port, argv[3], int(argv[4]),
                                                float(argv[5])))))
+    elif what == "echo":
+        from bench.bench_flood import broker_echo
+        print(json.dumps(asyncio.run(broker_echo(host, port, int(argv[3]), float(argv[4])))))
     elif what == "telemetry":
         print(paced_telemetry(host, port, int(argv[3]), float(argv[4]), int(argv[5])))
     else:
         raise SystemExit(f"unknown load {what!r}: cards or telemetry")
 
 
-async def cards_process(host: str, port: int, card: str, count: int,
-                        interval_s: float) -> dict[str, object]:
-    """`present_cards` from a process of its own (see the module docstring)."""
+async def probe_process(*args: str) -> dict[str, Any]:
+    """A probe (`cards` or `echo`, see the module docstring) from a process of its own."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.load_tools", "cards", host, str(port), card, str(count),
-        str(interval_s), stdout=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "bench.load_tools", *args, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
-    assert proc.returncode == 0, f"card probe failed ({proc.returncode})"
-    result: dict[str, object] = json.loads(out)
+    assert proc.returncode == 0, f"probe {args[0]} failed ({proc.returncode})"
+    result: dict[str, Any] = json.loads(out)
     return result
+
+
+async def access_and_floor(host: str, port: int, card: str, count: int,
+                           interval_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Card decisions and, at the same time, the floor under them: a message through the
+    same broker and back with no gateway involved (both cross the broker, a card decision
+    twice)."""
+    cards, echo = await asyncio.gather(
+        probe_process("cards", host, str(port), card, str(count), str(interval_s)),
+        probe_process("echo", host, str(port), str(count), str(interval_s)))
+    return cards, echo
 
 
 if __name__ == "__main__":

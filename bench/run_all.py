@@ -153,6 +153,11 @@ SPECS: dict[str, Spec] = {
             "p50", "at_2000_per_s.queryable_p50_s"),
         Row("gate card p99 at 2,000 readings/s (ms)", "at_2000_per_s.access.p99_ms",
             "idle p99", "at_2000_per_s.access_idle.p99_ms"),
+        Row("broker echo p99 at 2,000 readings/s (ms)", "at_2000_per_s.broker_echo.p99_ms",
+            "idle p99", "at_2000_per_s.broker_echo_idle.p99_ms"),
+        Row("RSS at 2,000 readings/s: gateway + worker (MB)",
+            "at_2000_per_s.rss_max_mb_gateway_plus_worker", "worker alone",
+            "at_2000_per_s.rss_max_mb_worker"),
     ), quick=("--messages", "20000")),
 }
 

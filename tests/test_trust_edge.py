@@ -355,3 +355,33 @@ async def test_two_gateways_on_one_postgresql_grant_a_token_once(
         engine.dispose()
     code, output = verify_cli(one.config_path)
     assert code == 0, output
+
+
+def _nice(pid: int, tid: int) -> int:
+    return int(Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+async def test_telemetry_yields_the_cpu_to_access_and_its_sinks_yield_to_its_ingest(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A telemetry flood must not take CPU from a resident at a gate (docs/benchmarks.md).
+    The worker shares the gateway's session (a session of its own is an autogroup of its own,
+    where its nice would rank it only against itself) in a process group of its own (a
+    terminal's Ctrl-C is the gateway's); its sinks run below its ingest."""
+    town = community(mosquitto, tmp_path, f"sqlite:///{tmp_path / 'gw.db'}")
+    async with running(town, f"p{secrets.token_hex(3)}", "priority") as gateway:
+        assert gateway.proc is not None
+        pid = gateway.proc.pid
+        deadline = time.monotonic() + 30
+        while not (workers := _children(pid)) or len(
+                list(Path(f"/proc/{workers[0]}/task").iterdir())) < 5:
+            assert time.monotonic() < deadline, "no telemetry worker with its threads"
+            await asyncio.sleep(0.1)
+        worker = workers[0]
+        assert os.getsid(worker) == os.getsid(pid)
+        assert os.getpgid(worker) != os.getpgid(pid)
+        base = _nice(pid, pid)
+        tasks = [int(t.name) for t in Path(f"/proc/{worker}/task").iterdir()]
+        nices = sorted(_nice(worker, tid) for tid in tasks)
+        assert _nice(worker, worker) == base + 10  # the main thread, and ingest with it
+        assert nices.count(min(19, base + 19)) >= 2, nices  # local store and rules sinks
