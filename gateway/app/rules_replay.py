@@ -29,6 +29,9 @@ class _ColumnBuilder:
     every time), so a line costs two appends and `build` converts each group at once."""
 
     def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
         self.index: dict[str, int] = {}
         self.kinds: list[str] = []
         self.device: list[int] = []
@@ -68,6 +71,12 @@ class _ColumnBuilder:
         return ReadingColumns(tuple(self.index), tuple(self.kinds),
                               np.array(self.device, dtype=np.int64),
                               np.array(self.ts, dtype=np.float64), metrics)
+
+    def take(self) -> ReadingColumns:
+        """`build`, and start empty (`add` stays bound: the hot loop keeps it in a local)."""
+        columns = self.build()
+        self._reset()
+        return columns
 
 
 _NUMBER = (int, float)
@@ -157,9 +166,8 @@ def replay_stream(lines: TextIO, engine: Engine, kinds: Mapping[str, str],
                         readings += 1
                         pending += 1
                         if pending >= BATCH:
-                            emit(engine.process_columns(batch.build()))
-                            batch = _ColumnBuilder()
-                            add, pending = batch.add, 0
+                            emit(engine.process_columns(batch.take()))
+                            pending = 0
                         continue
             checked = _check(data, kinds, known)
         if isinstance(checked, tuple):
@@ -167,14 +175,12 @@ def replay_stream(lines: TextIO, engine: Engine, kinds: Mapping[str, str],
             readings += 1
             pending += 1
             if pending >= BATCH:
-                emit(engine.process_columns(batch.build()))
-                batch = _ColumnBuilder()
-                add, pending = batch.add, 0
+                emit(engine.process_columns(batch.take()))
+                pending = 0
         elif isinstance(checked, DeviceEvent):
             if pending:  # keep the stream's order around the event
-                emit(engine.process_columns(batch.build()))
-                batch = _ColumnBuilder()
-                add, pending = batch.add, 0
+                emit(engine.process_columns(batch.take()))
+                pending = 0
             emit(engine.process([checked]))
             readings += 1
         else:
@@ -182,5 +188,5 @@ def replay_stream(lines: TextIO, engine: Engine, kinds: Mapping[str, str],
             if bad <= 100:
                 err.write(f"line {number}: {checked}; skipped\n")
     if pending:
-        emit(engine.process_columns(batch.build()))
+        emit(engine.process_columns(batch.take()))
     return readings, bad, emitted
