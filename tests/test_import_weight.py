@@ -16,3 +16,15 @@ def test_the_gateway_process_does_not_import_the_rules_engine_or_numpy() -> None
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_telemetry_worker_does_not_import_the_gateways_web_and_metrics_stack() -> None:
+    """The worker is a second interpreter on the same box: httpx (with its command line's
+    rich, click and pygments), prometheus_client and the API stack are ~10 MB of RSS it has
+    no use for."""
+    probe = ("import sys, gateway.telemetry.worker; "
+             "print(sorted(m for m in ('httpx', 'rich', 'click', 'prometheus_client', "
+             "'fastapi', 'uvicorn', 'argon2') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -71,8 +71,9 @@ from gateway.devices.router import DeviceRouter
 from gateway.events import EventHub
 from gateway.metrics import Registry
 from gateway.store import db
+from gateway.telemetry import health_topic
 from gateway.telemetry.alerts import AlertStore
-from gateway.telemetry.health import TelemetryHealth, health_topic
+from gateway.telemetry.health import TelemetryHealth
 from gateway.telemetry.latest_store import LatestCache
 from gateway.telemetry.series import SeriesQuery
 

@@ -22,10 +22,6 @@ STALE_AFTER_S = 15.0
 BEHIND_AFTER_S = 30.0  # a sink whose oldest unwritten reading is older than this is behind
 
 
-def health_topic(root: str, site_id: str) -> str:
-    return f"{root}/gateway/{site_id}/telemetry"
-
-
 class TelemetryHealth:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock

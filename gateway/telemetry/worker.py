@@ -48,9 +48,8 @@ from sqlalchemy import Engine
 from device_drivers.mqtt_protocol import alert_topic, polled_subscription, polled_topic
 from gateway.config import SiteConfig
 from gateway.store.db import make_engine
-from gateway.telemetry import PARENT_PID_ENV
+from gateway.telemetry import PARENT_PID_ENV, health_topic
 from gateway.telemetry.alerts import AlertStore
-from gateway.telemetry.health import health_topic
 from gateway.telemetry.ingest import Ingest
 from gateway.telemetry.records import ReadingMemo, encode_event, encode_reading
 from gateway.telemetry.rollups import RollupStore
@@ -490,8 +489,6 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s telemetry-worker %(levelname)s %(name)s: "
                                "%(message)s")
-    # httpx logs every request at INFO: thousands of lines a minute from the writer.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     # Readings can wait in the broker and the spool; a resident at a gate cannot. When the
     # cores are contended, the scheduler runs the access process first, then this worker's
     # ingest (taking readings off the broker, into the spool), and its sinks last: the spool
