@@ -124,14 +124,29 @@ export function controlCard() {
       form.append(h("label", {}, `${r.name}${r.unit ? ` (${r.unit})` : ""}`, h("span", { class: "muted" }, limits ? ` ${limits}` : ""), registerInput(r)));
     }
     form.append(h("button", {}, "Review change"));
-    // Start from what the unit reports now, so a change touches only what the user edits.
+    await fillCurrent(unit.value, registers);
+  }
+  // Start from what the unit reports now, so a change touches only what the user edits. A
+  // unit not read yet (just started, or the local store catching up) is asked again every
+  // few seconds until each field has its value, for as long as it is the unit shown (a
+  // minute at most: a register the unit never reports leaves its field empty).
+  async function fillCurrent(shown, shownRegisters, tries = 20) {
+    let missing = shownRegisters.length;
     try {
-      const now = (await api(`/api/v1/devices/${encodeURIComponent(unit.value)}/latest`)).metrics;
+      const now = (await api(`/api/v1/devices/${encodeURIComponent(shown)}/latest`)).metrics;
+      missing = 0;
+      if (registers !== shownRegisters) return;  // another unit (or a reload) since
       for (const r of registers) {
         const input = form.elements[r.name];
-        if (input && typeof now[r.name] === "number") { input.value = String(now[r.name]); input.dataset.initial = input.value; }
+        // a field the user has typed into is theirs; one already filled stays as it is
+        if (!input || input.dataset.initial !== undefined || input.value !== "") continue;
+        if (typeof now[r.name] === "number") { input.value = String(now[r.name]); input.dataset.initial = input.value; }
+        else missing += 1;
       }
-    } catch (_) { /* no reading yet: the fields stay empty */ }
+    } catch (_) { /* no reading yet */ }
+    if (missing && tries > 1 && registers === shownRegisters) {
+      setTimeout(() => fillCurrent(shown, shownRegisters, tries - 1), 3000);
+    }
   }
   form.addEventListener("submit", (e) => {
     e.preventDefault();
