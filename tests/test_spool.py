@@ -257,3 +257,26 @@ def test_kill_9_while_appending_loses_at_most_one_fsync_interval(tmp_path: Path)
         spool.append([b"telemetry,device_id=m,kind=meter,site=t seq=%di %d"
                       % (len(recovered), len(recovered))])
         assert drain(spool, "w") == [len(recovered)]
+
+
+def test_a_trickle_is_gathered_and_a_full_batch_is_not(tmp_path: Path) -> None:
+    """`read_gathered`: a sink with a fixed cost per batch gets what came during the linger
+    in one batch; a batch already at `fill` is returned at once; a stop ends the wait."""
+    with Spool(tmp_path / "s", ["sink"]) as spool:
+        stop = threading.Event()
+        spool.append([b"a"])
+        threading.Timer(0.05, lambda: spool.append([b"b", b"c"])).start()
+        batch = spool.read_gathered("sink", fill=10, linger_s=0.5, stop=stop)
+        assert batch is not None and batch.records == [b"a", b"b", b"c"]
+        spool.ack("sink", batch.end)
+
+        spool.append([b"d", b"e"])
+        started = time.monotonic()
+        batch = spool.read_gathered("sink", fill=2, linger_s=30.0, stop=stop)
+        assert batch is not None and batch.records == [b"d", b"e"]
+        assert time.monotonic() - started < 10.0  # not the 30 s linger
+        spool.ack("sink", batch.end)
+
+        spool.append([b"f"])
+        stop.set()
+        assert spool.read_gathered("sink", fill=10, linger_s=30.0, stop=stop) is None

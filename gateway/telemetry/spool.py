@@ -354,6 +354,25 @@ class Spool:
                 end = self._skip_corrupt(name, path, end)
             return Batch(payloads, pos, end, times[0] if times else None)
 
+    def read_gathered(self, name: str, *, fill: int, linger_s: float, stop: threading.Event,
+                      start: Position | None = None) -> Batch | None:
+        """`read`, except that a trickle (fewer than `fill` records) waits until its oldest
+        record is `linger_s` old and is read again with what came meanwhile: a sink with a
+        fixed cost per batch (a commit, an engine call) then pays it a few times a second,
+        not once per reading, and a flood, already in big batches, never waits. None when
+        `stop` was set while waiting."""
+        batch = self.read(name, start=start)
+        if batch.records and batch.first_appended is not None and len(batch.records) < fill:
+            pause = batch.first_appended + linger_s - time.time()
+            if pause > 0:
+                if stop.wait(min(pause, linger_s)):
+                    return None
+                with self._lock:  # what came meanwhile may still be in the write buffer
+                    if self._buf and not self._closed:
+                        self._write_out()
+                batch = self.read(name, start=start)
+        return batch
+
     def _skip_corrupt(self, name: str, path: Path, at: Position) -> Position:
         """A bad CRC inside written data (disk fault): skip to the next segment, count it."""
         with self._lock:

@@ -494,8 +494,8 @@ def main() -> int:
     # ingest (taking readings off the broker, into the spool), and its sinks last: the spool
     # is there to absorb what they have not written yet. A sink holding the GIL would still
     # keep ingest waiting for the interpreter's switch interval (5 ms by default), so it is
-    # shortened. Measured (docs/benchmarks.md): ingest 0.25-0.39x of `mosquitto_sub` with the
-    # whole worker at nice 10, 0.41-0.42x this way, access p99 unchanged.
+    # shortened. Measured (docs/decisions.md): ingest 0.24x of `mosquitto_sub` with the
+    # sinks at the worker's nice 10, 0.36x at 19 (median rounds), access p99 unchanged.
     os.nice(NICENESS)
     sys.setswitchinterval(GIL_SWITCH_S)
     _end_with_parent()

@@ -97,21 +97,16 @@ class LocalStoreConsumer:
         if self._applied is None and not self._start():
             return 0
         self._maybe_prune()
-        batch = self.spool.read(CONSUMER)
+        # A trickle is gathered up to `linger_s`, so SQLite commits (fsyncs) a few times a
+        # second, not once per reading.
+        batch = self.spool.read_gathered(CONSUMER, fill=LINGER_BELOW, linger_s=self.linger_s,
+                                         stop=self._stop)
+        if batch is None:
+            return 0  # stopping
         if not batch.records:
             self.memo.caught_up()
             self.spool.wait(CONSUMER, wait_s)
             return 0
-        if batch.first_appended is not None and len(batch.records) < LINGER_BELOW:
-            # A trickle: gather up to `linger_s` so SQLite commits (fsyncs) a few times a
-            # second, not once per reading. A flood makes big batches without waiting, which
-            # keeps the lag (and what the memo must hold) small.
-            pause = batch.first_appended + self.linger_s - time.time()
-            if pause > 0 and self._stop.wait(min(pause, self.linger_s)):
-                return 0
-            batch = self.spool.read(CONSUMER)
-            if not batch.records:
-                return 0
         assert self._applied is not None
         skip = max(0, min(len(batch.records), self._applied - batch.start.recno))
         self.memo.forget(batch.records[:skip])

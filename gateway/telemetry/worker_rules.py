@@ -102,7 +102,14 @@ class RulesConsumer:
             return 0
         assert self.engine is not None and self._pos is not None
         engine = self.engine
-        batch = self.spool.read(CONSUMER, start=self._pos)
+        # A trickle is gathered up to `linger_s` into one engine call. Each call has a fixed
+        # cost per rule (numpy set-up), which at a few readings a call cost more CPU than
+        # ingest itself at 2,000 readings/s; rules with `for` durations of minutes lose
+        # nothing by a second's wait.
+        batch = self.spool.read_gathered(CONSUMER, fill=LINGER_BELOW, linger_s=self.linger_s,
+                                         stop=self._stop, start=self._pos)
+        if batch is None:
+            return 0  # stopping
         if not batch.records:
             self.lag_s = 0.0
             now = time.monotonic()
@@ -114,17 +121,6 @@ class RulesConsumer:
             self._maybe_save()
             self.spool.wait(CONSUMER, min(wait_s, self.tick_every_s), start=self._pos)
             return 0
-        if batch.first_appended is not None and len(batch.records) < LINGER_BELOW:
-            # A trickle: gather up to `linger_s` into one engine call. Each call has a fixed
-            # cost per rule (numpy set-up), which at a few readings a call cost more CPU than
-            # ingest itself at 2,000 readings/s; rules with `for` durations of minutes lose
-            # nothing by a second's wait.
-            pause = batch.first_appended + self.linger_s - time.time()
-            if pause > 0 and self._stop.wait(min(pause, self.linger_s)):
-                return 0
-            batch = self.spool.read(CONSUMER, start=self._pos)
-            if not batch.records:
-                return 0
         if batch.first_appended is not None:
             self.lag_s = max(0.0, time.time() - batch.first_appended)
         skip = max(0, min(len(batch.records), self._applied - batch.start.recno))
