@@ -9,7 +9,8 @@ fraction of that, as devices on the network would cost the gateway box nothing.
 
     python -m bench.load_tools cards HOST PORT CARD COUNT INTERVAL_S   -> JSON summary
     python -m bench.load_tools echo HOST PORT COUNT INTERVAL_S         -> JSON summary
-    python -m bench.load_tools telemetry HOST PORT RATE SECONDS METERS  -> readings sent
+    python -m bench.load_tools telemetry HOST PORT RATE SECONDS METERS [TICKS_PER_S [FIRST_SEQ]]
+                                                                        -> readings sent
 """
 
 from __future__ import annotations
@@ -26,32 +27,48 @@ FIRST_SEQ = 10_000_000
 """Seqs of the paced load start here, so an observer can tell its readings from others."""
 
 
+SMOOTH_TICKS_PER_S = 200
+"""How often the paced load publishes: 2,000 readings/s as 10 every 5 ms, round-robin over
+the devices, the way many meters reporting on their own clocks arrive."""
+BURST_TICKS_PER_S = 10
+"""The stress shape: the same rate as 200 readings at once every 100 ms (meters that all
+report on the same clock tick)."""
+
+
 def paced_telemetry(host: str, port: int, rate: int, seconds: float, meters: int,
-                    root: str = "scgw") -> int:
-    """`rate` single-reading messages a second (QoS 1) spread over `meters` devices, one
-    `mosquitto_pub -l` per device fed ten times a second; returns the readings sent."""
+                    root: str = "scgw", ticks_per_s: int = SMOOTH_TICKS_PER_S,
+                    first_seq: int = FIRST_SEQ) -> int:
+    """`rate` single-reading messages a second (QoS 1) over `meters` devices, one
+    `mosquitto_pub -l` per device; each of `ticks_per_s` ticks sends `rate / ticks_per_s`
+    readings, the devices taking turns. Each device counts its seqs up from `first_seq`; a
+    second load in the same run takes a range of its own, so an observer tells their
+    readings apart and none can look like a redelivery. Returns the readings sent."""
     pub = shutil.which("mosquitto_pub")
     assert pub is not None, "mosquitto_pub missing (apt-get install mosquitto-clients)"
     pubs = [subprocess.Popen([pub, "-h", host, "-p", str(port), "-q", "1", "-l",
                               "-t", f"{root}/devices/meter-{m}/telemetry"],
                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
             for m in range(meters)]
-    per_tick = max(1, rate // 10 // meters)
-    seq, sent, started, tick = FIRST_SEQ, 0, time.monotonic(), 0
+    per_tick = max(1, rate // ticks_per_s)
+    seqs = [first_seq] * meters  # each device counts its own, without gaps
+    sent, started, tick, turn = 0, time.monotonic(), 0, 0
     while time.monotonic() - started < seconds:
         now = time.time()
-        for proc in pubs:
-            lines = []
-            for i in range(per_tick):  # a millisecond apart: one point each in InfluxDB
-                seq += 1
-                lines.append(f'{{"ts":{now + i / 1000:.3f},"seq":{seq},'
-                             f'"metrics":{{"power_w":1.0}}}}\n')
-            assert proc.stdin is not None
-            proc.stdin.write("".join(lines).encode())
-            proc.stdin.flush()
-            sent += per_tick
+        lines: dict[int, list[str]] = {}
+        for _ in range(per_tick):  # a millisecond apart per device: one point each in InfluxDB
+            meter, turn = turn % meters, turn + 1
+            seqs[meter] += 1
+            mine = lines.setdefault(meter, [])
+            mine.append(f'{{"ts":{now + len(mine) / 1000:.3f},"seq":{seqs[meter]},'
+                        f'"metrics":{{"power_w":1.0}}}}\n')
+        for meter, mine in lines.items():
+            stdin = pubs[meter].stdin
+            assert stdin is not None
+            stdin.write("".join(mine).encode())
+            stdin.flush()
+        sent += per_tick
         tick += 1
-        time.sleep(max(0.0, started + tick * 0.1 - time.monotonic()))
+        time.sleep(max(0.0, started + tick / ticks_per_s - time.monotonic()))
     for proc in pubs:
         assert proc.stdin is not None
         proc.stdin.close()
@@ -75,9 +92,12 @@ def main(argv: list[str]) -> None:
         from bench.bench_flood import broker_echo
         print(json.dumps(asyncio.run(broker_echo(host, port, int(argv[3]), float(argv[4])))))
     elif what == "telemetry":
-        print(paced_telemetry(host, port, int(argv[3]), float(argv[4]), int(argv[5])))
+        ticks = int(argv[6]) if len(argv) > 6 else SMOOTH_TICKS_PER_S
+        first = int(argv[7]) if len(argv) > 7 else FIRST_SEQ
+        print(paced_telemetry(host, port, int(argv[3]), float(argv[4]), int(argv[5]),
+                              ticks_per_s=ticks, first_seq=first))
     else:
-        raise SystemExit(f"unknown load {what!r}: cards or telemetry")
+        raise SystemExit(f"unknown load {what!r}: cards, echo or telemetry")
 
 
 async def probe_process(*args: str) -> dict[str, Any]:

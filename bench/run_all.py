@@ -158,7 +158,13 @@ SPECS: dict[str, Spec] = {
         Row("RSS at 2,000 readings/s: gateway + worker (MB)",
             "at_2000_per_s.rss_max_mb_gateway_plus_worker", "worker alone",
             "at_2000_per_s.rss_max_mb_worker"),
-    ), quick=("--messages", "20000")),
+        Row("PSS at 2,000 readings/s: gateway + worker (MB)",
+            "at_2000_per_s.pss_max_mb_gateway_plus_worker", "RSS",
+            "at_2000_per_s.rss_max_mb_gateway_plus_worker"),
+        Row("gate card p99 ratio, 2,000/s in 10 bursts a second",
+            "at_2000_per_s_in_bursts.access_p99_ratio", "same, worker replaced by mosquitto_sub",
+            "at_2000_per_s_in_bursts.floor_access_p99_ratio"),
+    ), quick=("--messages", "20000", "--rounds", "1", "--seconds", "6", "--idle", "100")),
 }
 
 
