@@ -39,6 +39,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from device_drivers.vocabulary import DEVICE_ID_PATTERN, MODBUS_KINDS, DeviceKind
+from gateway.db_url import sqlite_file
 from rules.loader import RuleFileError, load_rule_files, parse_calendar
 
 ENV_PREFIX = "SCGW__"
@@ -605,24 +606,6 @@ class SiteConfig(_Strict):
         if self.audit.spill_dir is not None:
             return self.audit.spill_dir
         return self.spool_directory / "audit-spill"
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The file of an SQLite SQLAlchemy URL; None for other databases and in-memory SQLite.
-
-    Parsed by hand (SQLAlchemy's make_url would pull SQLAlchemy into every config load):
-    `sqlite:///rel.db` is relative, `sqlite:////abs.db` absolute, a `?query` is not part of
-    the path, and `sqlite://`, `sqlite:///:memory:` and `file::memory:` URIs are memory.
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.split("+", 1)[0] != "sqlite" or not rest.startswith("/"):
-        return None
-    path = rest[1:].split("?", 1)[0]
-    if path.startswith("file:"):
-        path = path[len("file:"):]
-    if not path or path == ":memory:" or path.startswith(":memory:"):
-        return None
-    return Path(path)
 
 
 def _serial_line_conflicts(

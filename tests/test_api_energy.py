@@ -22,6 +22,7 @@ from gateway.metrics import Registry
 from gateway.store import directory as d
 from gateway.store.db import make_engine, upgrade
 from gateway.store.users import Role, create_user
+from gateway.telemetry.local_db import LocalDb
 from gateway.telemetry.rollups import RollupStore
 from gateway.telemetry.series import SeriesQuery
 
@@ -88,7 +89,9 @@ async def api(database_url: str) -> AsyncIterator[Api]:
         readings += [Reading("m-1", "meter", ts, {"power_w": 1200.0 if i == 119 else 1000.0}),
                      Reading("m-2", "meter", ts, {"power_w": 500.0}),
                      Reading("ahu-1", "hvac", ts, {"power_w": 20.0, "vendor_x": 1.0})]
-    RollupStore(engine).apply(readings, end_recno=0)
+    local = LocalDb(database_url)
+    RollupStore(local).apply(readings, end_recno=0)
+    local.close()
     query = SeriesQuery.from_config(engine, CONFIG)
     ctx = ApiContext(config=CONFIG, engine=engine,
                      jwt=JwtSettings(secrets.token_hex(32), "scgw-api", 600),

@@ -31,7 +31,8 @@ from gateway.metrics import Registry
 from gateway.store import db
 from gateway.store import directory as d
 from gateway.store.invitations import create_invitation
-from gateway.telemetry.alerts import AlertStore
+from gateway.telemetry.alert_log import AlertLog
+from gateway.telemetry.local_db import LocalDb
 from rules.model import Transition
 from simulators.canteen import CanteenTerminal, card_credential
 from simulators.demo.broker import Mosquitto, free_port
@@ -485,12 +486,11 @@ async def _pay_once(run: Running, mosquitto: Mosquitto) -> None:
 
 
 def _an_alert(run: Running) -> None:
-    alerts = AlertStore(db.make_engine(run.config.database.url))
+    alerts = AlertLog(LocalDb(run.config.database.url))
     now = time.time()
     alerts.record([Transition("walk-alert-1", "walk-rule", "erv-1", "power_w", "firing",
                               "warning", 1.0, now - 60, now, "a walk")])
-    alerts.engine.dispose()
-    alerts.dispose()
+    alerts.db.close()
 
 
 async def _with_nothing_running(run: Running, walk: Walk) -> None:

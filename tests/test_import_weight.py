@@ -27,7 +27,10 @@ def test_the_gateway_process_does_not_import_the_rules_engine_or_numpy() -> None
 def test_the_telemetry_worker_does_not_import_the_gateways_web_and_metrics_stack() -> None:
     """The worker is a second interpreter on the same box: httpx (with its command line's
     rich, click and pygments), prometheus_client and the API stack are ~10 MB of RSS it has
-    no use for."""
+    no use for; SQLAlchemy (15 MB) and pydantic with the site model (10 MB) are replaced by
+    the DB-API (local_db.py) and a plain view of the site file (worker_config.py); psycopg
+    comes only with a PostgreSQL database."""
     assert imported("gateway.telemetry.worker",
                     ("httpx", "rich", "click", "prometheus_client", "fastapi", "uvicorn",
-                     "argon2")) == []
+                     "argon2", "sqlalchemy", "pydantic", "gateway.config", "psycopg",
+                     "alembic")) == []

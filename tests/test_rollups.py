@@ -25,13 +25,10 @@ from device_drivers.vocabulary import Reading
 from gateway.store.db import make_engine, read_engine, upgrade
 from gateway.store.metadata import metadata
 from gateway.telemetry.latest_store import LatestCache
-from gateway.telemetry.rollups import (
-    RollupStore,
-    telemetry_cursor,
-    telemetry_latest,
-    telemetry_rollups,
-)
+from gateway.telemetry.local_db import LocalDb
+from gateway.telemetry.rollups import RollupStore
 from gateway.telemetry.series import InvalidRange, SeriesResult, UnknownSeries, series
+from gateway.telemetry.tables import telemetry_cursor, telemetry_latest, telemetry_rollups
 
 BASE = 1_763_800_050.0  # not on a minute boundary: the first minute starts 30 s earlier
 DEVICES = {"m-1": ("meter", "b1"), "m-2": ("meter", "b2"), "ahu-1": ("hvac", "b1"),
@@ -61,7 +58,9 @@ class Db:
 def db(database_url: str) -> Iterator[Db]:
     upgrade(database_url)
     engine = make_engine(database_url)
-    yield Db(engine, RollupStore(engine, retention_days=1))
+    local = LocalDb(database_url)
+    yield Db(engine, RollupStore(local, retention_days=1))
+    local.close()
     engine.dispose()
 
 
@@ -178,11 +177,11 @@ def test_the_position_moves_in_the_same_transaction_as_the_rollups(
     before = db.rollups()
 
     def crash(*args: object) -> None:
-        raise OperationalError("UPDATE telemetry_cursor", {}, Exception("killed"))
+        raise RuntimeError("killed")
 
     # Killed after the rollups were written but before the position: nothing of it stays.
-    monkeypatch.setattr(RollupStore, "_set_recno", staticmethod(crash))
-    with pytest.raises(OperationalError):
+    monkeypatch.setattr(RollupStore, "_set_recno", crash)
+    with pytest.raises(RuntimeError, match="killed"):
         db.store.apply(_batch("m-1", BASE + 10, 10, value=5.0), end_recno=19)
     monkeypatch.undo()
     assert db.rollups() == before and db.store.applied_recno() == 9
@@ -235,7 +234,7 @@ def test_reading_the_store_never_takes_the_sqlite_write_lock(tmp_path: Path) -> 
         with reader.connect() as conn:  # a long series query, still in its transaction
             conn.execute(select(func.count()).select_from(telemetry_rollups)).scalar()
             started = time.monotonic()  # a held write lock would make this wait 30 s
-            RollupStore(engine).apply(_batch("m-1", BASE, 5), end_recno=0)
+            RollupStore(LocalDb(url)).apply(_batch("m-1", BASE, 5), end_recno=0)
             assert time.monotonic() - started < 5
         assert reader is not engine
     finally:

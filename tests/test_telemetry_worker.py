@@ -25,12 +25,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import create_engine, text
 
-from gateway.app.telemetry_process import config_with_secrets
 from gateway.config import SiteConfig
 from gateway.store.db import upgrade
 from gateway.telemetry import worker as worker_module
 from gateway.telemetry.rollups import minute_of
 from gateway.telemetry.worker import TelemetryWorker, run_worker
+from gateway.telemetry.worker_config import WorkerConfig
 from simulators.demo.broker import Mosquitto
 from tests.influx_servers import InfluxDB, influxdb_server, wait_until
 
@@ -107,7 +107,7 @@ def mqtt_client(broker: Mosquitto, config: SiteConfig) -> Iterator[Mqtt]:
 
 @contextmanager
 def worker_thread(config: SiteConfig, **options: Any) -> Iterator[TelemetryWorker]:
-    worker = TelemetryWorker(config, **options)
+    worker = TelemetryWorker(WorkerConfig.from_site(config), **options)
     stop, result = threading.Event(), []
     thread = threading.Thread(target=lambda: result.append(worker.run(stop)), name="worker")
     thread.start()
@@ -124,7 +124,7 @@ def worker_process(config: SiteConfig, log: Path) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([sys.executable, "-m", "gateway.telemetry.worker"],
                                 stdin=subprocess.PIPE, stderr=out, cwd=REPO)
     assert proc.stdin is not None
-    proc.stdin.write(config_with_secrets(config).encode())
+    proc.stdin.write(WorkerConfig.from_site(config).to_json().encode())
     proc.stdin.close()
     return proc
 
@@ -409,7 +409,7 @@ def test_a_dead_local_store_thread_ends_the_worker_with_an_error(
 
     monkeypatch.setattr(worker_module, "RollupStore", Broken)
     config = site_config(mosquitto, tmp_path, ["m-01"])
-    assert run_worker(config, threading.Event()) == 1
+    assert run_worker(WorkerConfig.from_site(config), threading.Event()) == 1
 
 
 def test_a_dead_ingest_thread_ends_the_worker_and_the_reading_comes_again(
@@ -424,7 +424,8 @@ def test_a_dead_ingest_thread_ends_the_worker_and_the_reading_comes_again(
 
     monkeypatch.setattr(worker_module.SpoolIngestor, "flush", failing_flush)
     result: list[int] = []
-    thread = threading.Thread(target=lambda: result.append(run_worker(config)), name="worker")
+    view = WorkerConfig.from_site(config)
+    thread = threading.Thread(target=lambda: result.append(run_worker(view)), name="worker")
     thread.start()
     with mqtt_client(mosquitto, config) as client:
         wait_until(lambda: subscribed(client), 30, "the worker's subscription")

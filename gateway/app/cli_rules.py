@@ -21,6 +21,7 @@ import typer
 
 from gateway.config import ConfigError, SiteConfig, load_config
 from gateway.telemetry.rules_site import load_rule_set, site_context
+from gateway.telemetry.worker_config import WorkerConfig
 from rules.loader import RuleFileError
 
 app = typer.Typer(help="Anomaly rules: check files, replay recordings.", no_args_is_help=True)
@@ -78,7 +79,7 @@ def replay(
     from gateway.app.rules_replay import replay_stream
     from rules.engine import Engine
 
-    engine = Engine(rule_set, site_context(config))
+    engine = Engine(rule_set, site_context(WorkerConfig.from_site(config) if config else None))
     kinds = {d.device_id: d.kind for d in config.devices} if config else {}
     try:
         source: Any = sys.stdin if str(readings) == "-" else readings.open(encoding="utf-8")

@@ -2,27 +2,24 @@
 
 Telemetry ingest lives in its own process so that a device flooding readings competes with
 access decisions for nothing but CPU time: the access loop never parses a reading. The
-child gets the site configuration as JSON on stdin (secrets included, so they never appear
-on a command line or in the environment of other children) and is supervised like any
-task: a non-zero exit is a crash, restarted with backoff by the runtime's Supervisor.
+child gets its view of the site configuration (WorkerConfig) as JSON on stdin (secrets
+included: they never appear on a command line or in the environment of other children),
+and is supervised like any task: a non-zero exit is a crash, restarted with backoff by the
+runtime's Supervisor.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
-from pathlib import Path
-from typing import Any
-
-from pydantic import BaseModel, SecretStr
 
 from gateway.config import SiteConfig
 from gateway.telemetry import PARENT_PID_ENV
+from gateway.telemetry.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +28,6 @@ STOP_GRACE_S = 10.0  # the worker flushes the spool and stops its writers in thi
 
 class TelemetryWorkerExited(RuntimeError):
     """The worker ended without being asked to."""
-
-
-def config_with_secrets(config: SiteConfig) -> str:
-    """The site config as JSON for the child, secrets revealed (only ever sent on a pipe)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, SecretStr):
-            return value.get_secret_value()
-        if isinstance(value, BaseModel):
-            return {name: plain(getattr(value, name)) for name in type(value).model_fields}
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, Path):
-            return str(value)
-        return value
-
-    return json.dumps(plain(config))
 
 
 class TelemetryProcess:
@@ -77,7 +55,7 @@ class TelemetryProcess:
         self.process = proc
         assert proc.stdin is not None
         try:
-            proc.stdin.write(config_with_secrets(self._config).encode())
+            proc.stdin.write(WorkerConfig.from_site(self._config).to_json().encode())
             await proc.stdin.drain()
             proc.stdin.close()
             code = await proc.wait()

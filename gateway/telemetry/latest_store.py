@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError
 from device_drivers.supervision import ComponentTasks, Supervisor
 from device_drivers.vocabulary import Reading
 from gateway.store.db import read_engine
-from gateway.telemetry.rollups import telemetry_latest
+from gateway.telemetry.tables import telemetry_latest
 
 log = logging.getLogger(__name__)
 

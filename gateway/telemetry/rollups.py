@@ -19,10 +19,12 @@ row per (device, metric, minute) touched, not one per reading. The rollups are m
 upsert itself (`ON CONFLICT DO UPDATE` with min/max/sum/count arithmetic on the excluded row),
 so they need no read at all; the latest values (a JSON map merged per device) are read once
 for the devices in the batch and written back with one bulk upsert. SQLite and PostgreSQL
-both have `INSERT ... ON CONFLICT` (SQLAlchemy's dialect inserts); least/greatest are spelled
-differently, and PostgreSQL gets its rows as arrays (see `_upsert_many`).
+both have `INSERT ... ON CONFLICT`; least/greatest are spelled differently, and PostgreSQL
+gets its rows as arrays (see `_upsert_many`).
 
-One writer per consumer name is assumed (the telemetry worker); the API only reads.
+One writer per consumer name is assumed (the telemetry worker, through the DB-API: see
+gateway.telemetry.local_db); the API only reads, through SQLAlchemy and the tables of
+gateway.telemetry.tables.
 """
 
 from __future__ import annotations
@@ -30,31 +32,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Connection,
-    Engine,
-    Float,
-    Index,
-    Integer,
-    String,
-    Table,
-    Text,
-    bindparam,
-    case,
-    delete,
-    func,
-    select,
-)
-from sqlalchemy.dialects import postgresql, sqlite
-
 from device_drivers.vocabulary import Reading
-from gateway.store.metadata import metadata
+from gateway.telemetry.local_db import Cursor, LocalDb
 
 log = logging.getLogger(__name__)
 
@@ -64,39 +47,6 @@ MAX_METRIC_LEN = 128
 one overlong name must not make PostgreSQL refuse the whole batch forever."""
 _IN_CHUNK = 500  # ids per `IN (...)`: well below SQLite's and PostgreSQL's parameter limits
 _PRUNE_CHUNK_S = 3600  # one hour of rollups per delete transaction: apply() never waits long
-
-telemetry_rollups = Table(
-    "telemetry_rollups",
-    metadata,
-    Column("device_id", String(64), primary_key=True),
-    Column("metric", String(MAX_METRIC_LEN), primary_key=True),
-    Column("minute", BigInteger, primary_key=True, autoincrement=False),  # epoch s, start
-    Column("min", Float, nullable=False),
-    Column("max", Float, nullable=False),
-    Column("sum", Float, nullable=False),
-    Column("count", Integer, nullable=False),
-    Column("last", Float, nullable=False),
-    Column("last_ts", Float, nullable=False),
-    # prune() deletes by age across all series; without this it would scan the table.
-    Index("ix_telemetry_rollups_minute", "minute"),
-)
-
-telemetry_latest = Table(
-    "telemetry_latest",
-    metadata,
-    Column("device_id", String(64), primary_key=True),
-    Column("kind", String(16), nullable=False),
-    Column("ts", Float, nullable=False),
-    Column("metrics", Text, nullable=False),  # JSON object: metric -> value
-    Column("seq", BigInteger, nullable=True),
-)
-
-telemetry_cursor = Table(
-    "telemetry_cursor",
-    metadata,
-    Column("consumer", String(64), primary_key=True),
-    Column("recno", BigInteger, nullable=False),
-)
 
 
 @dataclass(slots=True)
@@ -198,18 +148,19 @@ def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterable[Sequence[st
         yield items[i:i + size]
 
 
-def _insert(conn: Connection, table: Table) -> Any:
-    """The dialect's INSERT, which has `on_conflict_do_update` on both databases."""
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
+_ROLLUP_COLUMNS = ("device_id", "metric", "minute", "min", "max", "sum", "count", "last",
+                   "last_ts")
+_LATEST_COLUMNS = ("device_id", "kind", "ts", "metrics", "seq")
+_PG_ARRAY_TYPES = {"device_id": "text", "metric": "text", "minute": "bigint", "count": "integer",
+                   "kind": "text", "metrics": "text", "seq": "bigint"}  # the rest: float8
 
 
-def _upsert_many(conn: Connection, table: Table, rows: list[dict[str, Any]],
-                 updates: Callable[[Any], dict[str, Any]], where: Callable[[Any], Any] | None
-                 = None) -> None:
-    """`INSERT ... ON CONFLICT (primary key) DO UPDATE SET updates(excluded)` for many rows,
-    the fastest way each database offers.
+def _upsert_many(db: LocalDb, cursor: Cursor, table: str, columns: Sequence[str],
+                 keys: Sequence[str], updates: Mapping[str, str], rows: list[tuple[Any, ...]],
+                 where: str | None = None) -> None:
+    """`INSERT ... ON CONFLICT (keys) DO UPDATE SET updates WHERE where` for many rows, the
+    fastest way each database offers. In `updates` and `where`, `new.` is the row offered
+    and `old.` the stored one.
 
     SQLite: executemany, one prepared statement stepped per row inside the library.
     PostgreSQL: one statement whose rows come from `unnest` of one array per column. psycopg
@@ -218,50 +169,44 @@ def _upsert_many(conn: Connection, table: Table, rows: list[dict[str, Any]],
     devices per batch and 3,200 with 5,000; arrays 109,000 and 7,900. The rows' keys are
     unique (the batch was aggregated first), as one `ON CONFLICT DO UPDATE` requires.
     """
-    keys = list(table.primary_key.columns)
-    if conn.dialect.name == "postgresql":
-        names = [c.name for c in table.columns]
-        ins = postgresql.insert(table).from_select(names, select(*[
-            func.unnest(bindparam(c.name, type_=postgresql.ARRAY(c.type)))
-            for c in table.columns]))
-        stmt = ins.on_conflict_do_update(
-            index_elements=keys, set_=updates(ins.excluded),
-            where=None if where is None else where(ins.excluded))
-        conn.execute(stmt, {name: [row[name] for row in rows] for name in names})
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    sets = ", ".join(f'"{c}" = {expr}' for c, expr in updates.items())
+    conflict = (f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {sets}"
+                + (f" WHERE {where}" if where else ""))
+    conflict = conflict.replace("new.", "excluded.").replace("old.", f"{table}.")
+    # Table and column names are this module's constants; values go as parameters only.
+    if db.dialect == "postgresql":
+        arrays = ", ".join(f"%s::{_PG_ARRAY_TYPES.get(c, 'float8')}[]" for c in columns)
+        insert = f"INSERT INTO {table} ({quoted}) SELECT * FROM unnest({arrays})"  # noqa: S608
+        cursor.execute(insert + conflict, [list(column) for column in zip(*rows, strict=True)])
         return
-    lite = sqlite.insert(table)
-    conn.execute(lite.on_conflict_do_update(
-        index_elements=keys, set_=updates(lite.excluded),
-        where=None if where is None else where(lite.excluded)), rows)
+    marks = ", ".join("?" for _ in columns)
+    insert = f"INSERT INTO {table} ({quoted}) VALUES ({marks})"  # noqa: S608
+    cursor.executemany(insert + conflict, rows)
 
 
 class RollupStore:
     """Writes rollups and latest values from the telemetry worker; prunes by age."""
 
-    def __init__(self, engine: Engine, retention_days: int = 30) -> None:
+    def __init__(self, db: LocalDb, retention_days: int = 30) -> None:
         if retention_days < 1:
             raise ValueError("retention_days must be at least 1")
-        self._engine = engine
+        self._db = db
         self.retention_days = retention_days
         self.skipped_values = 0
         """Values not stored since start (not finite, or an id or name too long or with NUL)."""
 
     def applied_recno(self, consumer: str = "local") -> int:
         """The spool record number of the last batch applied; -1 if none yet."""
-        with self._engine.connect() as conn:
-            return self._recno(conn, consumer)
-
-    @staticmethod
-    def _recno(conn: Connection, consumer: str) -> int:
-        value = conn.execute(select(telemetry_cursor.c.recno).where(
-            telemetry_cursor.c.consumer == consumer)).scalar_one_or_none()
-        return -1 if value is None else int(value)
+        rows = self._db.query("SELECT recno FROM telemetry_cursor WHERE consumer = ?",
+                              (consumer,))
+        return int(rows[0][0]) if rows else -1
 
     def reset_cursor(self, consumer: str = "local", recno: int = -1) -> None:
         """Set the stored position, for a spool that was recreated (its numbering restarted):
         without this every new batch would look like a replay and be ignored."""
-        with self._engine.begin() as conn:
-            self._set_recno(conn, consumer, recno)
+        with self._db.transaction() as cursor:
+            self._set_recno(cursor, consumer, recno)
 
     def apply(self, readings: Sequence[Reading], end_recno: int, consumer: str = "local") -> None:
         """Merge `readings` into the rollups and latest values and store `end_recno`, in one
@@ -273,91 +218,86 @@ class RollupStore:
         by_device: dict[str, list[Reading]] = {}
         for reading in storable:
             by_device.setdefault(reading.device_id, []).append(reading)
-        with self._engine.begin() as conn:
-            applied = self._recno(conn, consumer)
+        with self._db.transaction() as cursor:
+            cursor.execute(self._db.sql("SELECT recno FROM telemetry_cursor WHERE consumer = ?"),
+                           (consumer,))
+            row = cursor.fetchone()
+            applied = -1 if row is None else int(row[0])
             if end_recno <= applied:
                 log.info("telemetry batch ending at record %d already applied (at %d): skipped",
                          end_recno, applied)
                 return
             if cells:
-                self._upsert_rollups(conn, cells)
+                self._upsert_rollups(cursor, cells)
             if by_device:
-                self._upsert_latest(conn, by_device)
-            self._set_recno(conn, consumer, end_recno)
+                self._upsert_latest(cursor, by_device)
+            self._set_recno(cursor, consumer, end_recno)
         if skipped:
             self.skipped_values += skipped
             log.warning("%d telemetry values not stored (not finite, or an id or metric name "
                         "the store cannot hold)", skipped)
 
-    def _upsert_rollups(self, conn: Connection, cells: Mapping[tuple[str, str, int], _Cell],
+    def _upsert_rollups(self, cursor: Cursor, cells: Mapping[tuple[str, str, int], _Cell],
                         ) -> None:
-        t = telemetry_rollups.c
-        pg = conn.dialect.name == "postgresql"
-        lesser, greater = (func.least, func.greatest) if pg else (func.min, func.max)
+        lesser, greater = ("least", "greatest") if self._db.dialect == "postgresql" else (
+            "min", "max")
+        merge = {
+            "min": f'{lesser}(old."min", new."min")',
+            "max": f'{greater}(old."max", new."max")',
+            "sum": 'old."sum" + new."sum"',
+            "count": 'old."count" + new."count"',
+            # A tie goes to the newer batch, as a tie inside a batch goes to the later.
+            "last": 'CASE WHEN new.last_ts >= old.last_ts THEN new."last" ELSE old."last" END',
+            "last_ts": f"{greater}(old.last_ts, new.last_ts)",
+        }
+        rows = [(device_id, metric, minute, c.min, c.max, c.sum, c.count, c.last, c.last_ts)
+                for (device_id, metric, minute), c in cells.items()]
+        _upsert_many(self._db, cursor, "telemetry_rollups", _ROLLUP_COLUMNS,
+                     ("device_id", "metric", "minute"), merge, rows)
 
-        def merge(new: Any) -> dict[str, Any]:
-            return {
-                "min": lesser(t.min, new.min),
-                "max": greater(t.max, new.max),
-                "sum": t.sum + new.sum,
-                "count": t.count + new.count,
-                # A tie goes to the newer batch, as a tie inside a batch goes to the later.
-                "last": case((new.last_ts >= t.last_ts, new.last), else_=t.last),
-                "last_ts": greater(t.last_ts, new.last_ts),
-            }
-
-        rows = [
-            {"device_id": device_id, "metric": metric, "minute": minute, "min": c.min,
-             "max": c.max, "sum": c.sum, "count": c.count, "last": c.last, "last_ts": c.last_ts}
-            for (device_id, metric, minute), c in cells.items()
-        ]
-        _upsert_many(conn, telemetry_rollups, rows, merge)
-
-    def _upsert_latest(self, conn: Connection, by_device: Mapping[str, list[Reading]]) -> None:
-        t = telemetry_latest.c
+    def _upsert_latest(self, cursor: Cursor, by_device: Mapping[str, list[Reading]]) -> None:
         stored: dict[str, _Latest] = {}
         for chunk in _chunks(sorted(by_device)):
-            for row in conn.execute(select(t.device_id, t.kind, t.ts, t.metrics, t.seq)
-                                    .where(t.device_id.in_(chunk))):
-                stored[row.device_id] = _Latest(row.kind, row.ts, json.loads(row.metrics),
-                                                row.seq)
+            marks = ", ".join("?" for _ in chunk)  # the ids go as parameters
+            cursor.execute(self._db.sql(
+                "SELECT device_id, kind, ts, metrics, seq FROM telemetry_latest "  # noqa: S608
+                f"WHERE device_id IN ({marks})"), list(chunk))
+            for device_id, kind, ts, metrics, seq in cursor.fetchall():
+                stored[device_id] = _Latest(kind, ts, json.loads(metrics), seq)
         rows = []
         for device_id, readings in by_device.items():
             before = stored.get(device_id)
             merged = _merge_latest(before, readings)
             if merged is None or merged is before:
                 continue
-            rows.append({"device_id": device_id, "kind": merged.kind, "ts": merged.ts,
-                         "metrics": json.dumps(merged.metrics, separators=(",", ":")),
-                         "seq": merged.seq})
+            rows.append((device_id, merged.kind, merged.ts,
+                         json.dumps(merged.metrics, separators=(",", ":")), merged.seq))
         if not rows:
             return
-        _upsert_many(
-            conn, telemetry_latest, rows,
-            lambda new: {"kind": new.kind, "ts": new.ts, "metrics": new.metrics, "seq": new.seq},
-            where=lambda new: t.ts <= new.ts)  # belt and braces: never back in time
+        _upsert_many(self._db, cursor, "telemetry_latest", _LATEST_COLUMNS, ("device_id",),
+                     {c: f"new.{c}" for c in _LATEST_COLUMNS[1:]}, rows,
+                     where="old.ts <= new.ts")  # belt and braces: never back in time
 
-    @staticmethod
-    def _set_recno(conn: Connection, consumer: str, recno: int) -> None:
-        ins = _insert(conn, telemetry_cursor)
-        conn.execute(ins.values(consumer=consumer, recno=recno).on_conflict_do_update(
-            index_elements=[telemetry_cursor.c.consumer], set_={"recno": ins.excluded.recno}))
+    def _set_recno(self, cursor: Cursor, consumer: str, recno: int) -> None:
+        cursor.execute(self._db.sql(
+            "INSERT INTO telemetry_cursor (consumer, recno) VALUES (?, ?) "
+            "ON CONFLICT (consumer) DO UPDATE SET recno = excluded.recno"), (consumer, recno))
 
     def prune(self, now: float) -> int:
         """Delete rollups of minutes that ended more than `retention_days` before `now`;
         returns how many rows went. Deletes an hour per transaction, so a first prune after
         a long stop does not hold SQLite's write lock while readings wait."""
         cutoff = minute_of(now - self.retention_days * 86_400)
-        t = telemetry_rollups.c
-        with self._engine.connect() as conn:
-            oldest = conn.execute(select(func.min(t.minute))).scalar_one_or_none()
+        oldest = self._db.query("SELECT MIN(minute) FROM telemetry_rollups")[0][0]
         removed = 0
         while oldest is not None and int(oldest) < cutoff:
             # Jump to the oldest row each time: a device with a wrong clock (1970) must
             # not make this walk every hour since then.
             bound = min(int(oldest) + _PRUNE_CHUNK_S, cutoff)
-            with self._engine.begin() as conn:
-                removed += conn.execute(delete(telemetry_rollups).where(
-                    t.minute < bound)).rowcount
-                oldest = conn.execute(select(func.min(t.minute))).scalar_one_or_none()
+            with self._db.transaction() as cursor:
+                cursor.execute(self._db.sql("DELETE FROM telemetry_rollups WHERE minute < ?"),
+                               (bound,))
+                removed += max(0, cursor.rowcount)
+                cursor.execute("SELECT MIN(minute) FROM telemetry_rollups")
+                oldest = cursor.fetchone()[0]
         return removed

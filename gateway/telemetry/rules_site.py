@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.config import SiteConfig
+from gateway.telemetry.worker_config import WorkerConfig
 from rules.loader import default_rules, load_rule_files, parse_calendar
 from rules.model import DEFAULT_CALENDAR, Calendar, DeviceInfo, Rule, SiteContext
 
@@ -30,15 +30,15 @@ def rules_digest(rules: Sequence[Rule]) -> str:
     return hashlib.sha256(repr(list(rules)).encode()).hexdigest()[:32]
 
 
-def site_context(config: SiteConfig | None) -> SiteContext:
+def site_context(config: WorkerConfig | None) -> SiteContext:
     """Time zone, calendars and devices of the site; the defaults without a site file."""
     if config is None:
         return SiteContext()
     default: Calendar = DEFAULT_CALENDAR
-    if config.site.calendar is not None:
-        default = parse_calendar(config.site.calendar, "site.calendar")
-    calendars = {b.id: parse_calendar(b.calendar, f"buildings.{b.id}.calendar")
-                 for b in config.buildings if b.calendar is not None}
+    if config.site_calendar is not None:
+        default = parse_calendar(config.site_calendar, "site.calendar")
+    calendars = {building: parse_calendar(calendar, f"buildings.{building}.calendar")
+                 for building, calendar in config.building_calendars.items()}
     devices = {d.device_id: DeviceInfo(d.device_id, d.kind, d.building) for d in config.devices}
-    return SiteContext(timezone=config.site.timezone, default_calendar=default,
+    return SiteContext(timezone=config.timezone, default_calendar=default,
                        calendars=calendars, devices=devices)

@@ -32,7 +32,8 @@ from sqlalchemy import BigInteger, Engine, and_, func, literal_column, select
 from device_drivers.vocabulary import DEVICE_KINDS, STANDARD_METRICS
 from gateway.config import SiteConfig
 from gateway.store.db import read_engine
-from gateway.telemetry.rollups import MINUTE, telemetry_rollups
+from gateway.telemetry.rollups import MINUTE
+from gateway.telemetry.tables import telemetry_rollups
 
 MAX_POINTS = 10_000
 _IN_CHUNK = 500

@@ -8,8 +8,9 @@ units alike.
 
     python -m gateway.telemetry.worker  < site-config.json
 
-reads the site configuration as JSON on stdin (`SiteConfig`, secrets revealed, as
-gateway.app.telemetry_process writes it: never on a command line, never logged) and runs until
+reads its view of the site configuration as JSON on stdin (`WorkerConfig`, secrets
+included, as gateway.app.telemetry_process writes it: never on a command line, never logged;
+neither pydantic nor SQLAlchemy is imported here: worker_config.py, local_db.py) and runs until
 SIGTERM/SIGINT: exit 0 after an orderly stop, 1 when a thread died or the spool could not be
 opened (the main process's supervisor restarts it), 2 for a configuration it cannot read.
 `run_worker(config, stop)` is the same in-process, for tests.
@@ -42,19 +43,16 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr, ValidationError
-from sqlalchemy import Engine
-
 from device_drivers.mqtt_protocol import alert_topic, polled_subscription, polled_topic
-from gateway.config import SiteConfig
-from gateway.store.db import make_engine
 from gateway.telemetry import PARENT_PID_ENV, health_topic
-from gateway.telemetry.alerts import AlertStore
+from gateway.telemetry.alert_log import AlertLog
 from gateway.telemetry.ingest import Ingest
+from gateway.telemetry.local_db import LocalDb, LocalDbError
 from gateway.telemetry.records import ReadingMemo, encode_event, encode_reading
 from gateway.telemetry.rollups import RollupStore
 from gateway.telemetry.rules_site import load_rule_set, rules_digest, site_context
 from gateway.telemetry.spool import Spool
+from gateway.telemetry.worker_config import WorkerConfig, WorkerConfigError
 from gateway.telemetry.worker_local import LocalStoreConsumer
 from gateway.telemetry.worker_mqtt import IngestClient, session_properties
 from gateway.telemetry.worker_rules import RulesConsumer
@@ -75,21 +73,17 @@ MEMO_MAX = 4_000  # readings per consumer between append and read: 2 s at 2,000/
 STOP_JOIN_S = 5.0  # the main process kills the worker 10 s after SIGTERM
 
 
-def client_id(config: SiteConfig) -> str:
+def client_id(config: WorkerConfig) -> str:
     """Stable across restarts: the broker keeps the session (and queued readings) by it.
 
     With a broker login, a suffix derived from the password makes the id unguessable: any
     logged-in device could otherwise connect with this id, take the session over and let
     the ACL drop the readings queued in it (MQTT has no per-user client ids)."""
-    password = _secret(config.mqtt.password)
+    password = config.mqtt.password
     if not password:
-        return f"scgw-{config.site.id}-telemetry"
+        return f"scgw-{config.site_id}-telemetry"
     suffix = hmac.new(password.encode(), b"scgw-telemetry-session", hashlib.sha256)
-    return f"scgw-{config.site.id}-telemetry-{suffix.hexdigest()[:12]}"
-
-
-def _secret(value: SecretStr | None) -> str | None:
-    return None if value is None else value.get_secret_value()
+    return f"scgw-{config.site_id}-telemetry-{suffix.hexdigest()[:12]}"
 
 
 class SpoolIngestor:
@@ -170,11 +164,11 @@ class SpoolIngestor:
 class TelemetryWorker:
     """Owns the spool, the MQTT client and the sink threads of one worker run."""
 
-    def __init__(self, config: SiteConfig, *, fast_path: bool = True,
+    def __init__(self, config: WorkerConfig, *, fast_path: bool = True,
                  health_every_s: float = HEALTH_EVERY_S, retry_max_s: float = 30.0) -> None:
         self.config, self.fast_path, self.health_every_s = config, fast_path, health_every_s
         self.retry_max_s = retry_max_s
-        self.site, self.root = config.site.id, config.mqtt.root
+        self.site, self.root = config.site_id, config.mqtt.root
         self.topic = health_topic(self.root, self.site)
         self.ingest = Ingest({d.device_id: d.kind for d in config.devices})
         self.failure: str | None = None
@@ -221,7 +215,7 @@ class TelemetryWorker:
         mqtt_cfg = self.config.mqtt
         client = IngestClient(client_id(self.config), sink, fast_path=self.fast_path)
         if mqtt_cfg.username is not None:
-            client.username_pw_set(mqtt_cfg.username, _secret(mqtt_cfg.password))
+            client.username_pw_set(mqtt_cfg.username, mqtt_cfg.password)
         if mqtt_cfg.tls:
             client.tls_set_context(ssl.create_default_context())
         client.reconnect_delay_set(max(1, round(mqtt_cfg.reconnect_min_s)),
@@ -322,32 +316,31 @@ class TelemetryWorker:
     # ---- running ------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> int:
-        telemetry = self.config.telemetry
-        directory = Path(self.config.spool_directory)
-        consumers = ["local", "rules"] + (["influxdb"] if self.config.influxdb is not None
-                                          else [])
+        config = self.config
+        directory = Path(config.spool_dir)
+        consumers = ["local", "rules"] + (["influxdb"] if config.influxdb is not None else [])
         try:
-            spool = Spool(directory, consumers, max_bytes=telemetry.spool_max_bytes,
-                          fsync_interval_s=telemetry.fsync_interval_s)
+            spool = Spool(directory, consumers, max_bytes=config.spool_max_bytes,
+                          fsync_interval_s=config.fsync_interval_s)
         except (OSError, RuntimeError, ValueError) as exc:
             log.error("telemetry worker cannot open the spool %s: %s", directory, exc)
             return 1
         try:
             seed_from_spool(directory, self.ingest, spool.max_record_bytes)
-            engine = make_engine(self.config.database.url)
+            # One connection per sink thread: the local store's and the rules consumer's.
+            databases = [LocalDb(config.database_url), LocalDb(config.database_url)]
             writer = self._writer(spool, directory)
         except BaseException:
             spool.close()
             raise
         memos = {name: ReadingMemo(MEMO_MAX) for name in ("local", "rules")}
-        local = LocalStoreConsumer(spool, RollupStore(engine, telemetry.local_retention_days),
+        local = LocalStoreConsumer(spool, RollupStore(databases[0], config.local_retention_days),
                                    memo=memos["local"], backoff_max_s=self.retry_max_s)
         client: IngestClient | None = None
         try:
-            rules = self._rules_consumer(spool, engine, lambda: client, memos["rules"])
+            rules = self._rules_consumer(spool, databases[1], lambda: client, memos["rules"])
         except BaseException:
             spool.close()
-            engine.dispose()
             raise
         self.rules = rules
         previous_hook, threading.excepthook = threading.excepthook, self._excepthook
@@ -360,10 +353,8 @@ class TelemetryWorker:
                 self._start("telemetry-influxdb", writer.run)
             sink = SpoolIngestor(self.ingest, spool, root=self.root, site=self.site,
                                  memos=list(memos.values()),
-                                 buildings={d.device_id: d.building
-                                            for d in self.config.devices},
-                                 polled=[d.device_id for d in self.config.devices
-                                         if d.is_modbus])
+                                 buildings={d.device_id: d.building for d in config.devices},
+                                 polled=[d.device_id for d in config.devices if d.is_modbus])
             client = self._client(sink)
             client.loop_start()
             log.info("telemetry worker for site %s: spool %s, sinks %s", self.site, directory,
@@ -378,18 +369,19 @@ class TelemetryWorker:
             self._stopping = True  # from here on a disconnect is expected
             self._shutdown(spool, client, local, writer)
             threading.excepthook = previous_hook
-            engine.dispose()
+            for database in databases:
+                database.close()
         if self.failure is not None:
             log.error("telemetry worker ends: %s", self.failure)
             return 1
         log.info("telemetry worker stopped")
         return 0
 
-    def _rules_consumer(self, spool: Spool, engine: Engine,
+    def _rules_consumer(self, spool: Spool, database: LocalDb,
                         client: Callable[[], IngestClient | None], memo: ReadingMemo
                         ) -> RulesConsumer:
         """The live rules engine on the spool; a bad rule file ends the worker (exit 2)."""
-        rule_set = load_rule_set(self.config.rules.files)
+        rule_set = load_rule_set(self.config.rule_files)
         context = site_context(self.config)
 
         def make(snapshot: bytes | None) -> RulesEngine:
@@ -405,8 +397,8 @@ class TelemetryWorker:
                     json.dumps(transition.to_wire(), separators=(",", ":")), qos=1)
 
         log.info("rules: %d rules (%s)", len(rule_set),
-                 ", ".join(self.config.rules.files) or "the bundled defaults")
-        return RulesConsumer(spool, AlertStore(engine), make, rules_digest=rules_digest(rule_set),
+                 ", ".join(self.config.rule_files) or "the bundled defaults")
+        return RulesConsumer(spool, AlertLog(database), make, rules_digest=rules_digest(rule_set),
                              site=self.site, publish=publish, memo=memo)
 
     def _writer(self, spool: Spool, directory: Path) -> InfluxWriter | None:
@@ -414,8 +406,8 @@ class TelemetryWorker:
         if influx is None:
             return None
         return build_writer(spool, api=influx.api, url=influx.url, database=influx.database,
-                            org=influx.org, bucket=influx.bucket, token=_secret(influx.token),
-                            username=influx.username, password=_secret(influx.password),
+                            org=influx.org, bucket=influx.bucket, token=influx.token,
+                            username=influx.username, password=influx.password,
                             quarantine_path=directory / "quarantine.jsonl")
 
     def _publish(self, client: IngestClient, report: dict[str, Any]) -> None:
@@ -452,7 +444,7 @@ class TelemetryWorker:
             writer.transport.close()
 
 
-def run_worker(config: SiteConfig, stop: threading.Event | None = None) -> int:
+def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int:
     """Run the worker until `stop` is set; the process exit code (0 orderly, 1 failed)."""
     return TelemetryWorker(config).run(stop or threading.Event())
 
@@ -500,15 +492,9 @@ def main() -> int:
     sys.setswitchinterval(GIL_SWITCH_S)
     _end_with_parent()
     try:
-        config = SiteConfig.model_validate(json.loads(sys.stdin.buffer.read()))
-    except ValidationError as exc:  # never echo the input: it holds the secrets
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                             for e in exc.errors(include_input=False))
-        log.error("telemetry worker: unusable site configuration on stdin: %s", problems)
-        return 2
-    except ValueError as exc:
-        log.error("telemetry worker: the site configuration on stdin is not JSON (%s)",
-                  type(exc).__name__)
+        config = WorkerConfig.from_json(sys.stdin.buffer.read())
+    except WorkerConfigError as exc:  # its message never echoes the input: secrets
+        log.error("telemetry worker: unusable configuration on stdin: %s", exc)
         return 2
     stop = threading.Event()
 
@@ -525,6 +511,9 @@ def main() -> int:
         return 2
     except OSError as exc:
         log.error("telemetry worker: cannot read a rule file: %s", exc)
+        return 2
+    except LocalDbError as exc:  # database.url the worker cannot share (in-memory SQLite)
+        log.error("telemetry worker: %s", exc)
         return 2
 
 

@@ -22,9 +22,8 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from device_drivers.vocabulary import Reading
+from gateway.telemetry.local_db import LocalDbError
 from gateway.telemetry.records import ReadingMemo
 from gateway.telemetry.spool import Spool, SpoolClosedError
 
@@ -129,7 +128,7 @@ class LocalStoreConsumer:
                             applied, tail)
                 self.store.reset_cursor(CONSUMER, -1)
                 applied = -1
-        except (SQLAlchemyError, OSError) as exc:
+        except (LocalDbError, OSError) as exc:
             self._failed(exc, self.retries)
             return False
         self._applied = applied
@@ -150,7 +149,7 @@ class LocalStoreConsumer:
         while not self._stop.is_set():
             try:
                 self.store.apply(readings, end_recno, CONSUMER)
-            except (SQLAlchemyError, OSError) as exc:
+            except (LocalDbError, OSError) as exc:
                 self._failed(exc, attempt)
                 attempt += 1
                 continue
@@ -177,7 +176,7 @@ class LocalStoreConsumer:
         self._next_prune = now + self.prune_every_s
         try:
             removed = self.store.prune(now)
-        except (SQLAlchemyError, OSError) as exc:
+        except (LocalDbError, OSError) as exc:
             log.warning("local store: retention prune failed (%s); next try in %.0f s",
                         exc, self.prune_every_s)
             return

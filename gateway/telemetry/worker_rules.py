@@ -9,7 +9,7 @@ baselines) is saved with the spool record number it covers every `save_every_s`,
 then is the spool cursor acknowledged; between saves the consumer reads ahead. After a
 crash the engine is restored from the last save and the records after it are replayed. The
 transitions that replay produces again have the same alert ids (rules.model.alert_id), so
-`AlertStore.record` reports them as already known and nothing is published twice.
+`AlertLog.record` reports them as already known and nothing is published twice.
 
 Transitions that change the store are published on `{root}/alerts/{rule_id}/{device}`
 (QoS 1) and appended to the spool as `alerts` points for the InfluxDB writer. The wall
@@ -27,10 +27,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from device_drivers.vocabulary import DeviceEvent, Reading
-from gateway.telemetry.alerts import AlertStore
+from gateway.telemetry.alert_log import AlertLog
+from gateway.telemetry.local_db import LocalDbError
 from gateway.telemetry.records import ReadingMemo, encode_alert
 from gateway.telemetry.spool import Position, Spool, SpoolClosedError
 from rules.engine import Engine
@@ -53,7 +52,7 @@ class RulesConsumer:
     `fired`, `resolved`, `retries`, `last_error`, `lag_s`.
     """
 
-    def __init__(self, spool: Spool, store: AlertStore,
+    def __init__(self, spool: Spool, store: AlertLog,
                  make_engine: Callable[[bytes | None], Engine], *, rules_digest: str,
                  site: str, publish: Publish | None = None,
                  memo: ReadingMemo | None = None, linger_s: float = LINGER_S,
@@ -136,7 +135,7 @@ class RulesConsumer:
     def _start(self) -> bool:
         try:
             saved = self.store.load_state()
-        except (SQLAlchemyError, OSError) as exc:
+        except (LocalDbError, OSError) as exc:
             self._failed(exc, self.retries)
             return False
         engine = None
@@ -202,7 +201,7 @@ class RulesConsumer:
             try:
                 new = self.store.record(transitions)
                 break
-            except (SQLAlchemyError, OSError) as exc:
+            except (LocalDbError, OSError) as exc:
                 if self._stop.is_set():
                     raise SpoolClosedError("stopping with unrecorded transitions") from exc
                 self._failed(exc, attempt)
@@ -237,7 +236,7 @@ class RulesConsumer:
         try:
             self.store.save_state(self._pos.recno, self.rules_digest, self.engine.snapshot(),
                                   time.time())
-        except (SQLAlchemyError, OSError) as exc:
+        except (LocalDbError, OSError) as exc:
             self._failed(exc, 0)  # the spool keeps the records; the next save covers them
             return
         self._applied = self._pos.recno
