@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import secrets
@@ -378,12 +379,26 @@ def install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     return remove
 
 
+async def freeze_after_start(gateway: Gateway) -> None:
+    """What start-up built (modules, the site model, the access index, the API's routes)
+    lives as long as the process: frozen, a full collection stops walking it. Measured in
+    `scgw run`: a gen-2 collection held the event loop, and any card decision waiting on it,
+    83 ms with ~136,000 objects tracked, about once a minute; 1.6 ms once frozen. Only for
+    the process that owns the interpreter (not for a gateway run inside tests): garbage in
+    cycles among frozen objects is never collected, and the index refers by id, not in
+    cycles, so a replaced index is still freed by reference counting."""
+    await gateway.started.wait()
+    gc.collect()
+    gc.freeze()
+
+
 async def run_until_signal(gateway: Gateway, duration_s: float | None = None) -> None:
     stop = asyncio.Event()
     remove = install_signal_handlers(stop)
     if duration_s is not None:
         asyncio.get_running_loop().call_later(duration_s, stop.set)
     started = time.monotonic()
+    freezing = asyncio.create_task(freeze_after_start(gateway), name="gc-freeze")
     try:
         await gateway.run(stop)
     except ExceptionGroup as group:
@@ -395,5 +410,6 @@ async def run_until_signal(gateway: Gateway, duration_s: float | None = None) ->
         log.critical("gateway stopped because %s failed (see the traceback above)", names)
         raise SystemExit(1) from None
     finally:
+        freezing.cancel()
         remove()
         log.info("ran for %.1f s", time.monotonic() - started)
