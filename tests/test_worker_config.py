@@ -10,6 +10,7 @@ import pytest
 
 from gateway.config import SiteConfig
 from gateway.telemetry.local_db import LocalDb, LocalDbError, postgres_conninfo
+from gateway.telemetry.rollups import RollupStore
 from gateway.telemetry.rules_site import site_context
 from gateway.telemetry.worker_config import WorkerConfig, WorkerConfigError
 
@@ -69,10 +70,16 @@ def test_a_bad_view_names_the_key_and_never_the_secrets(change: object,
         WorkerConfig.from_json(b"{not json")
 
 
-def test_database_urls_the_worker_can_and_cannot_share() -> None:
+def test_database_urls_the_worker_can_and_cannot_share(
+        caplog: pytest.LogCaptureFixture) -> None:
     assert postgres_conninfo("postgresql+psycopg://u:p@db:5432/scgw?sslmode=require") == (
         "postgresql://u:p@db:5432/scgw?sslmode=require")
-    with pytest.raises(LocalDbError, match="in-memory"):
-        LocalDb("sqlite://")
     with pytest.raises(LocalDbError, match="expected postgresql"):
         LocalDb("mysql://u@db/scgw")
+    # In-memory: a throwaway run still ingests and writes InfluxDB; the local store, which
+    # would be private to the worker and without the gateway's tables, fails and says so.
+    memory = LocalDb("sqlite://")
+    assert "cannot share" in caplog.text
+    with pytest.raises(LocalDbError, match="no such table"):
+        RollupStore(memory).applied_recno()
+    memory.close()

@@ -48,13 +48,17 @@ class Cursor(Protocol):
     def fetchone(self) -> Any: ...
 
 
-def sqlite_path(url: str) -> Path:
-    """The file of an SQLite URL; an in-memory database is refused: two processes share it."""
+def sqlite_path(url: str) -> str:
+    """The file of an SQLite URL, or `:memory:` for an in-memory database, which the
+    gateway's tables are not in: the worker's local store and alerts then fail (and retry,
+    logged), while ingest, the spool and InfluxDB work, as a throwaway run expects."""
     path = sqlite_file(url)
     if path is None:
-        raise LocalDbError("database.url: an in-memory SQLite database cannot be shared with "
-                           "the telemetry worker; name a file (sqlite:///scgw.db)")
-    return path
+        log.warning("database.url is an in-memory SQLite database, which the telemetry worker "
+                    "cannot share with the gateway: no rollups or alerts will be stored (name "
+                    "a file, e.g. sqlite:///scgw.db)")
+        return ":memory:"
+    return str(path)
 
 
 def postgres_conninfo(url: str) -> str:
@@ -71,8 +75,7 @@ class LocalDb:
     def __init__(self, url: str) -> None:
         self.url = url
         self.dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
-        self._target = (str(sqlite_path(url)) if self.dialect == "sqlite"
-                        else postgres_conninfo(url))
+        self._target = sqlite_path(url) if self.dialect == "sqlite" else postgres_conninfo(url)
         self._conn: Any = None
 
     # ---- connection ---------------------------------------------------------------------
@@ -82,7 +85,8 @@ class LocalDb:
             return self._conn
         conn: Any
         if self.dialect == "sqlite":
-            Path(self._target).parent.mkdir(parents=True, exist_ok=True)
+            if self._target != ":memory:":
+                Path(self._target).parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self._target, timeout=30, isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")

@@ -512,7 +512,7 @@ def main() -> int:
     except OSError as exc:
         log.error("telemetry worker: cannot read a rule file: %s", exc)
         return 2
-    except LocalDbError as exc:  # database.url the worker cannot share (in-memory SQLite)
+    except LocalDbError as exc:  # database.url of a kind the worker does not speak
         log.error("telemetry worker: %s", exc)
         return 2
 
