@@ -1,9 +1,15 @@
-"""Database URLs read without SQLAlchemy: the site model and the telemetry worker need to
-know where an SQLite file is, and neither should load SQLAlchemy for it."""
+"""Database URLs and SQLite connection settings without SQLAlchemy: the site model and the
+telemetry worker need to know where an SQLite file is, and the gateway's engine and the
+worker's DB-API connection must open it on the same terms; neither should load SQLAlchemy
+for it."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+SQLITE_TIMEOUT_S = 30  # how long a writer waits for the other process's write lock
+SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL",
+                  "PRAGMA foreign_keys=ON")
 
 
 def sqlite_file(url: str) -> Path | None:

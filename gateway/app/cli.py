@@ -102,7 +102,7 @@ def run(
         problems = file_problems(config, config_path)  # rule files, spool: fail now, not later
         if problems:
             raise ConfigError(str(config_path), problems)
-        gateway = Gateway(config)
+        gateway = Gateway(config, freeze_after_start=True)
     except ConfigError as exc:
         err.print(f"cannot start: {exc.source}: {len(exc.problems)} problem(s)", style="red",
                   markup=False, highlight=False)

@@ -95,8 +95,11 @@ class Gateway:
         config: SiteConfig,
         extra_routers: Sequence[APIRouter] = (),
         ble_backend: type[BaseBleakScanner] | None = None,
+        *,
+        freeze_after_start: bool = False,
     ) -> None:
         self._ble_backend = ble_backend
+        self._freeze_after_start = freeze_after_start
         self.config = config
         self.metrics = Registry()
         self.started = asyncio.Event()
@@ -233,6 +236,17 @@ class Gateway:
             await _until_listening(server, serving)
             self.api_port = server.servers[0].sockets[0].getsockname()[1]
             log.info("API listening on http://%s:%d", cfg.api.host, self.api_port)
+        if self._freeze_after_start:
+            # What start-up built (modules, the site model, the access index, the API's
+            # routes) lives as long as the process: frozen, a full collection stops walking
+            # it. Measured in `scgw run`: a gen-2 collection held this event loop, and any
+            # card decision waiting on it, 83-93 ms with ~136,000 objects tracked, about once
+            # a minute; 1.3-1.6 ms once frozen. Only for the process that owns the
+            # interpreter (`scgw run`), not for a gateway run inside tests: garbage in cycles
+            # among frozen objects is never collected. The index refers by id, not in
+            # cycles, so a replaced index is still freed by reference counting.
+            gc.collect()
+            gc.freeze()
         self.started.set()
         await stop.wait()
         log.info("stopping")
@@ -379,26 +393,12 @@ def install_signal_handlers(stop: asyncio.Event) -> Callable[[], None]:
     return remove
 
 
-async def freeze_after_start(gateway: Gateway) -> None:
-    """What start-up built (modules, the site model, the access index, the API's routes)
-    lives as long as the process: frozen, a full collection stops walking it. Measured in
-    `scgw run`: a gen-2 collection held the event loop, and any card decision waiting on it,
-    83 ms with ~136,000 objects tracked, about once a minute; 1.6 ms once frozen. Only for
-    the process that owns the interpreter (not for a gateway run inside tests): garbage in
-    cycles among frozen objects is never collected, and the index refers by id, not in
-    cycles, so a replaced index is still freed by reference counting."""
-    await gateway.started.wait()
-    gc.collect()
-    gc.freeze()
-
-
 async def run_until_signal(gateway: Gateway, duration_s: float | None = None) -> None:
     stop = asyncio.Event()
     remove = install_signal_handlers(stop)
     if duration_s is not None:
         asyncio.get_running_loop().call_later(duration_s, stop.set)
     started = time.monotonic()
-    freezing = asyncio.create_task(freeze_after_start(gateway), name="gc-freeze")
     try:
         await gateway.run(stop)
     except ExceptionGroup as group:
@@ -410,6 +410,5 @@ async def run_until_signal(gateway: Gateway, duration_s: float | None = None) ->
         log.critical("gateway stopped because %s failed (see the traceback above)", names)
         raise SystemExit(1) from None
     finally:
-        freezing.cancel()
         remove()
         log.info("ran for %.1f s", time.monotonic() - started)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, make_url
 
+from gateway.db_url import SQLITE_PRAGMAS, SQLITE_TIMEOUT_S
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
@@ -32,7 +34,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine configured for the gateway's durability needs."""
     if is_sqlite(url):
         engine = create_engine(
-            url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs
+            url, connect_args={"timeout": SQLITE_TIMEOUT_S, "check_same_thread": False},
+            **kwargs
         )
 
         @event.listens_for(engine, "connect")
@@ -40,9 +43,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             # Autocommit at the driver level so SQLAlchemy's BEGIN below is the only one.
             dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA foreign_keys=ON")
+            for pragma in SQLITE_PRAGMAS:
+                cursor.execute(pragma)
             cursor.close()
 
         @event.listens_for(engine, "begin")
@@ -122,7 +124,8 @@ def read_engine(engine: Engine) -> Engine:
     """
     if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
         return engine
-    reader = create_engine(engine.url, connect_args={"timeout": 30, "check_same_thread": False})
+    reader = create_engine(engine.url, connect_args={"timeout": SQLITE_TIMEOUT_S,
+                                                     "check_same_thread": False})
 
     @event.listens_for(reader, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:

@@ -8,10 +8,11 @@ starts the worker); this module only speaks the two dialects' SQL: `sqlite3` fro
 standard library for the embedded default, psycopg 3 for PostgreSQL.
 
 Statements are written once with `?` placeholders and rewritten to `%s` for psycopg. The
-SQLite connection is set up as gateway.store.db.make_engine sets up the gateway's (WAL,
-synchronous FULL, a 30 s busy timeout, BEGIN IMMEDIATE), so the two processes share the
-file on the same terms. A connection that failed is dropped and opened again on next use:
-a restarted PostgreSQL costs the sink one retry, as with SQLAlchemy's pre-ping.
+SQLite connection is opened with the gateway engine's settings (gateway.db_url: WAL,
+synchronous FULL, the busy timeout) and writes in BEGIN IMMEDIATE as it does, so the two
+processes share the file on the same terms. A connection that failed is dropped and opened
+again on next use: a restarted PostgreSQL costs the sink one retry, as with SQLAlchemy's
+pre-ping.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.db_url import sqlite_file
+from gateway.db_url import SQLITE_PRAGMAS, SQLITE_TIMEOUT_S, sqlite_file
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,10 @@ class LocalDb:
         if self.dialect == "sqlite":
             if self._target != ":memory:":
                 Path(self._target).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self._target, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
+            conn = sqlite3.connect(self._target, timeout=SQLITE_TIMEOUT_S,
+                                   isolation_level=None, check_same_thread=False)
+            for pragma in SQLITE_PRAGMAS:
+                conn.execute(pragma)
         else:
             import psycopg  # only where PostgreSQL is configured: ~25 MB
 
