@@ -218,5 +218,6 @@ class BleScanner:
         # Tokens already accepted are handed on before stopping: the person is at the door.
         if delivery is not None and delivery.running:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._queue.join(), timeout=2.0)
+                async with asyncio.timeout(2.0):
+                    await self._queue.join()
         await self._tasks.stop()

@@ -97,7 +97,8 @@ class MqttLink:
         client = self._client
         if client is not None and self.connected.is_set() and self._status_topic is not None:
             try:
-                await asyncio.wait_for(self._announce(client, online=False), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await self._announce(client, online=False)
             except (aiomqtt.MqttError, TimeoutError):
                 log.warning("could not publish offline status on shutdown")
         await self._tasks.stop()

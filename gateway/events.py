@@ -97,7 +97,8 @@ class Subscription:
         if not self.queue:
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await self._wake.wait()
             except TimeoutError:
                 return None
         return self.queue.popleft() if self.queue else None

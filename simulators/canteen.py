@@ -167,7 +167,8 @@ class CanteenTerminal:
             for attempt in range(1, self.attempts + 1):
                 await self._client.publish(self.topic(channel), body, qos=1)
                 try:
-                    return await asyncio.wait_for(asyncio.shield(future), self.timeout_s), attempt
+                    async with asyncio.timeout(self.timeout_s):
+                        return await asyncio.shield(future), attempt
                 except TimeoutError:
                     log.info("%s: no answer to %s (attempt %d)", self.device_id, key, attempt)
             return None, self.attempts

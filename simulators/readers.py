@@ -106,7 +106,8 @@ class ReaderSimulator:
         self._pending[request_id] = future
         try:
             await self._client.publish(self.topic("access/request"), payload, qos=1)
-            return await asyncio.wait_for(future, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await future
         finally:
             self._pending.pop(request_id, None)
 

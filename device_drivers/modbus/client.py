@@ -117,7 +117,8 @@ class ModbusLink:
         client = self._new_client()
         client.ctx.comm_params.timeout_connect = timeout_s
         try:
-            ok = await asyncio.wait_for(client.connect(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                ok = await client.connect()
         except (TimeoutError, OSError, ModbusException) as exc:
             client.close()
             raise LinkDown(f"{self.endpoint.label}: cannot connect: {exc!r}", unit_id=unit_id

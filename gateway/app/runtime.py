@@ -253,7 +253,8 @@ class Gateway:
         if server is not None and serving is not None:
             server.should_exit = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(serving.join(), timeout=3.0)
+                async with asyncio.timeout(3.0):
+                    await serving.join()
 
     def _mqtt_link(
         self, client_id: str, topics: list[str], on_message: MessageHandler,

@@ -78,7 +78,8 @@ class TelemetryProcess:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            async with asyncio.timeout(STOP_GRACE_S):
+                await proc.wait()
         except TimeoutError:
             log.error("telemetry worker did not stop within %.0f s; killing it", STOP_GRACE_S)
             with contextlib.suppress(ProcessLookupError):

@@ -29,9 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
+from device_drivers.supervision import cancel_until_done
 from device_drivers.vocabulary import Credential
 from gateway.app.mqtt_config import (
     DEFAULT_GATEWAY_USER,
@@ -218,6 +220,8 @@ async def resident_life(
                      elevator.device_id, _brief(decision))
         except TimeoutError:  # a busy broker or gateway: a real reader says "try again"
             log.warning("%s got no answer in time; trying again later", resident.name)
+        except aiomqtt.MqttError as exc:  # the reader lost its broker: the same, later
+            log.warning("%s's reader is offline (%s); trying again later", resident.name, exc)
         await asyncio.sleep(period_s * random.uniform(0.7, 1.3))
 
 
@@ -270,7 +274,11 @@ async def run_demo(
             async with asyncio.TaskGroup() as tasks:
                 # the devices log in and the Modbus units listen; the clock starts later
                 clock_starts = asyncio.Event()
-                sim_task = tasks.create_task(sim.run(stop, clock_starts), name="simulation")
+                # the devices outlive the residents using them: a reader closed under a
+                # resident's feet mid-request would end the demo with an MQTT error
+                devices_stop = asyncio.Event()
+                sim_task = tasks.create_task(sim.run(devices_stop, clock_starts),
+                                             name="simulation")
                 gateway_task = tasks.create_task(gateway.run(stop), name="gateway")
                 await _wait_started(gateway, gateway_task)
                 api_url = f"http://127.0.0.1:{gateway.api_port}"
@@ -293,8 +301,8 @@ async def run_demo(
                              for r in people.residents]
                 clock_starts.set()
                 await stop.wait()
-                for task in life:
-                    task.cancel()
+                await asyncio.gather(*(cancel_until_done(task) for task in life))
+                devices_stop.set()
     finally:
         remove_handlers()
     announce("scgw demo stopped")

@@ -31,6 +31,7 @@ from typing import Any
 import aiomqtt
 
 from device_drivers.mqtt_protocol import device_topic, encode, telemetry_payload
+from device_drivers.supervision import cancel_until_done
 from device_drivers.vocabulary import Credential, Reading
 from simulators.device_link import device_connection
 from simulators.faults import generate
@@ -154,9 +155,7 @@ class Simulation:
                 monitor.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await monitor
-                for job in list(self._jobs):
-                    job.cancel()
-                await asyncio.gather(*self._jobs, return_exceptions=True)
+                await asyncio.gather(*(cancel_until_done(job) for job in list(self._jobs)))
         self.stats.done = True
         return self.stats
 
