@@ -205,6 +205,9 @@ class TelemetryConfig(_Strict):
     spool_max_mb: int = Field(default=512, ge=1)  # full: the oldest readings are dropped, counted
     fsync_interval_s: float = Field(default=1.0, gt=0, le=60)  # at most this is lost on kill -9
     local_retention_days: int = Field(default=30, ge=1, le=3650)  # 1-minute rollups kept
+    # After a backlog has drained, a worker this much larger than before it hands over to a
+    # fresh process (loss-free: gateway.telemetry.recycle); 0: never.
+    worker_recycle_mb: float = Field(default=8.0, ge=0, le=4096)
 
     @field_validator("spool_dir", mode="before")
     @classmethod

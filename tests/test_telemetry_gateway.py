@@ -10,6 +10,7 @@ from pathlib import Path
 import aiomqtt
 import httpx
 
+from gateway.telemetry.recycle import BACKLOG_RECORDS
 from simulators.demo.broker import Mosquitto, free_port
 from tests.community import Running, running_gateway
 from tests.influx_servers import influxdb_server
@@ -172,3 +173,76 @@ async def test_influxdb_down_for_a_minute_under_load_loses_nothing(
                 assert (n, low, high) == (seq[row["tags"]["device_id"]], 1,
                                           seq[row["tags"]["device_id"]])
             assert max(rss) < 200, f"worker RSS grew to {max(rss):.0f} MB"
+
+
+async def test_a_worker_grown_by_a_backlog_hands_over_to_a_fresh_one_losing_nothing(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Draining a backlog leaves the worker larger (gateway.telemetry.recycle); past
+    `worker_recycle_mb` it stops in order and the gateway starts a fresh one at once, not as
+    a crash. A tiny limit makes any growth count, so the hand-over happens right after the
+    drain: every reading before, during and after it arrives exactly once."""
+    devices = [{"device_id": f"r-{i}", "kind": "meter", "building": "b1"} for i in range(4)]
+    seq = {d["device_id"]: 0 for d in devices}
+    base = time.time() - 3600
+
+    async def publish(client: aiomqtt.Client, per_device: int) -> None:
+        for _ in range(per_device // 50):
+            for device in seq:
+                batch = []
+                for _ in range(50):
+                    seq[device] += 1
+                    batch.append({"ts": base + seq[device] * 0.01, "seq": seq[device],
+                                  "metrics": {"power_w": float(seq[device])}})
+                await client.publish(f"{run.root}/devices/{device}/telemetry",
+                                     json.dumps({"readings": batch}), qos=1)
+
+    with influxdb_server() as influx:
+        site = {"influxdb": {"url": influx.url, "api": "v1", "database": "scgw"},
+                "telemetry": {"worker_recycle_mb": 0.001}}
+        async with (
+            running_gateway(mosquitto, tmp_path, extra_devices=devices, site_extra=site) as run,
+            httpx.AsyncClient(base_url=run.api, timeout=10) as http,
+            aiomqtt.Client(mosquitto.host, mosquitto.port) as client,
+        ):
+            worker, health = run.gateway.telemetry_worker, run.gateway.telemetry_health
+            assert worker is not None and worker.process is not None
+            first_pid = worker.process.pid
+            await asyncio.to_thread(influx.stop)
+            await publish(client, (BACKLOG_RECORDS + 4_000) // len(devices))
+
+            async def backlog_reported() -> bool:
+                consumers = health.report.get("spool", {}).get("consumers", {})
+                depth = int(consumers.get("influxdb", {}).get("depth_records", 0))
+                return depth >= BACKLOG_RECORDS
+
+            await _until(backlog_reported)
+            assert worker.recycles == 0  # not while behind
+            await asyncio.to_thread(influx.start)
+
+            async def handed_over() -> bool:
+                return worker.recycles == 1 and health.report.get("online") is True
+
+            await _until(handed_over, 90)
+            assert worker.process is not None and worker.process.pid != first_pid
+            await publish(client, 500)  # to the fresh worker
+            sent = sum(seq.values())
+
+            def written() -> int:
+                rows = influx.query("SELECT count(seq) FROM telemetry", database="scgw")
+                return int(rows[0]["values"][0][1]) if rows else 0
+
+            async def all_written() -> bool:
+                return await asyncio.to_thread(written) >= sent
+
+            await _until(all_written, 60)
+            assert await asyncio.to_thread(written) == sent  # none lost, none twice
+            per_device = await asyncio.to_thread(
+                influx.query, "SELECT count(seq), min(seq), max(seq) FROM telemetry "
+                              "GROUP BY device_id", database="scgw")
+            assert {row["tags"]["device_id"]: tuple(row["values"][0][1:]) for row in per_device
+                    } == {device: (n, 1, n) for device, n in seq.items()}
+            assert worker.recycles == 1 and worker.starts == 2
+            metrics = (await http.get("/metrics")).text
+            assert "scgw_telemetry_worker_recycles_total 1.0" in metrics
+            assert (await http.get("/readyz")).json()["ready"] is True

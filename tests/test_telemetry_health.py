@@ -45,6 +45,18 @@ def test_problems_name_the_sink_that_is_behind_and_by_how_much() -> None:
     assert health.report == denied
 
 
+def test_a_worker_handing_over_is_not_down_unless_the_next_one_stays_silent() -> None:
+    clock = Clock()
+    health = TelemetryHealth(clock)
+    health.update(json.dumps({**REPORT, "online": False, "sinks": {}}).encode())
+    assert health.problems() == ["telemetry worker: offline"]  # stopped for good
+    health.update(json.dumps({**REPORT, "online": False, "handing_over": True,
+                              "sinks": {}}).encode())
+    assert health.problems() == []  # a fresh worker reports within a second or two
+    clock.now += 16
+    assert health.problems() == ["telemetry worker: offline"]
+
+
 def test_metrics_export_the_workers_counters_by_reason_and_sink() -> None:
     health = TelemetryHealth(Clock())
     metrics = Registry()

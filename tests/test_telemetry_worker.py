@@ -158,7 +158,8 @@ def drained(client: Mqtt) -> bool:
     return bool(consumers) and all(c["depth_records"] == 0 for c in consumers.values())
 
 
-HEALTH_KEYS = {"online", "site", "pid", "ts", "started_at", "mqtt", "ingest", "spool", "sinks"}
+HEALTH_KEYS = {"online", "handing_over", "site", "pid", "ts", "started_at", "mqtt", "ingest",
+               "spool", "sinks"}
 SPOOL_KEYS = {"bytes", "max_bytes", "disk_bytes", "buffered_bytes", "segments", "appended",
               "dropped", "written_recno", "synced_recno", "truncated_bytes", "consumers"}
 SINK_KEYS = {"state", "lag_s", "written", "retries", "quarantined", "last_error"}

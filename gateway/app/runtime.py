@@ -217,6 +217,10 @@ class Gateway:
             supervisor.spawn("home-assistant-discovery", self._announce_to_home_assistant)
         worker = self.telemetry_worker = TelemetryProcess(cfg)
         supervisor.spawn("telemetry-worker", worker.run)
+        self.metrics.counter_func(
+            "scgw_telemetry_worker_recycles_total",
+            "Hand-overs to a fresh telemetry worker to give memory back after a backlog.",
+            lambda: float(worker.recycles))
         stack.push_async_callback(worker.stop)
         await self._start_ble_readers(stack, supervisor)
         energy = SeriesQuery.from_config(engine, cfg)

@@ -5,7 +5,8 @@ access decisions for nothing but CPU time: the access loop never parses a readin
 child gets its view of the site configuration (WorkerConfig) as JSON on stdin (secrets
 included: they never appear on a command line or in the environment of other children),
 and is supervised like any task: a non-zero exit is a crash, restarted with backoff by the
-runtime's Supervisor.
+runtime's Supervisor; except RECYCLE_EXIT, an orderly hand-over after a backlog, where the
+next worker starts at once (gateway.telemetry.recycle).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 
 from gateway.config import SiteConfig
 from gateway.telemetry import PARENT_PID_ENV
+from gateway.telemetry.recycle import RECYCLE_EXIT
 from gateway.telemetry.worker_config import WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,19 @@ class TelemetryProcess:
         self._stopping = False
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
+        self.recycles = 0  # orderly hand-overs to a fresh worker (gateway.telemetry.recycle)
 
     async def run(self) -> None:
+        while True:
+            code = await self._run_one()
+            if self._stopping:
+                return
+            if code != RECYCLE_EXIT:
+                raise TelemetryWorkerExited(f"telemetry worker exited with status {code}")
+            self.recycles += 1  # not a crash: no backoff, no restart budget spent
+            log.info("telemetry worker handed over after a backlog; starting a fresh one")
+
+    async def _run_one(self) -> int:
         self.starts += 1
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.telemetry.worker",
@@ -65,9 +78,7 @@ class TelemetryProcess:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
             raise
-        if self._stopping:
-            return
-        raise TelemetryWorkerExited(f"telemetry worker exited with status {code}")
+        return code
 
     async def stop(self) -> None:
         """SIGTERM, then wait for the worker to flush its spool; kill only past the grace."""

@@ -12,7 +12,8 @@ reads its view of the site configuration as JSON on stdin (`WorkerConfig`, secre
 included, as gateway.app.telemetry_process writes it: never on a command line, never logged;
 neither pydantic nor SQLAlchemy is imported here: worker_config.py, local_db.py) and runs until
 SIGTERM/SIGINT: exit 0 after an orderly stop, 1 when a thread died or the spool could not be
-opened (the main process's supervisor restarts it), 2 for a configuration it cannot read.
+opened (the main process's supervisor restarts it), 2 for a configuration it cannot read,
+75 after an orderly hand-over to a fresh worker that gives memory back (recycle.py).
 `run_worker(config, stop)` is the same in-process, for tests.
 
 Threads: paho's network thread (ingest on the fast path: parse, dedupe, encode, append to
@@ -49,6 +50,7 @@ from gateway.telemetry.alert_log import AlertLog
 from gateway.telemetry.ingest import Ingest
 from gateway.telemetry.local_db import LocalDb, LocalDbError
 from gateway.telemetry.records import ReadingMemo, encode_event, encode_reading
+from gateway.telemetry.recycle import RECYCLE_EXIT, MemoryWatch, observe, rss_mb
 from gateway.telemetry.rollups import RollupStore
 from gateway.telemetry.rules_site import load_rule_set, rules_digest, site_context
 from gateway.telemetry.spool import Spool
@@ -177,6 +179,7 @@ class TelemetryWorker:
         self.subscribed = False
         self._wake = threading.Event()
         self._stopping = False
+        self.handing_over = False  # recycle.py: memory after a backlog; exit RECYCLE_EXIT
         self._threads: list[threading.Thread] = []
         self._rate = (time.monotonic(), 0)
         self.rules: RulesConsumer | None = None
@@ -260,7 +263,7 @@ class TelemetryWorker:
                writer: InfluxWriter | None, *, online: bool = True) -> dict[str, Any]:
         """The retained report that gateway.telemetry.health reads for /readyz and /metrics:
 
-        `{"online", "site", "pid", "ts", "started_at",
+        `{"online", "handing_over", "site", "pid", "ts", "started_at",
           "mqtt": {"connected", "subscribed", "connects", "fast_path"},
           "ingest": {"messages", "accepted", "duplicates", "gaps", "missing", "seq_resets",
                      "refused": {reason: n}, "msg_per_s"},
@@ -298,7 +301,8 @@ class TelemetryWorker:
                 "written": writer.written, "retries": writer.retries,
                 "quarantined": writer.quarantined, "last_error": writer.last_error}
         return {
-            "online": online, "site": self.site, "pid": os.getpid(), "ts": now,
+            "online": online, "handing_over": self.handing_over, "site": self.site,
+            "pid": os.getpid(), "ts": now,
             "started_at": self.started_at,
             "mqtt": {"connected": client is not None and client.is_connected(),
                      "subscribed": self.subscribed, "connects": self.connects,
@@ -360,10 +364,13 @@ class TelemetryWorker:
             log.info("telemetry worker for site %s: spool %s, sinks %s", self.site, directory,
                      ", ".join(consumers))
             next_health = 0.0
-            while not stop.is_set() and self.failure is None:
+            watch = MemoryWatch(rss_mb())
+            while not stop.is_set() and self.failure is None and not self.handing_over:
                 if time.monotonic() >= next_health:
                     next_health = time.monotonic() + self.health_every_s
-                    self._publish(client, self.health(spool, client, local, writer))
+                    report = self.health(spool, client, local, writer)
+                    self._publish(client, report)
+                    watch = self._watch_memory(watch, report)
                 self._wake.wait(min(0.2, max(0.0, next_health - time.monotonic())))
         finally:
             self._stopping = True  # from here on a disconnect is expected
@@ -374,8 +381,21 @@ class TelemetryWorker:
         if self.failure is not None:
             log.error("telemetry worker ends: %s", self.failure)
             return 1
+        if self.handing_over:
+            log.info("telemetry worker stopped; a fresh one takes over")
+            return RECYCLE_EXIT
         log.info("telemetry worker stopped")
         return 0
+
+    def _watch_memory(self, before: MemoryWatch, report: dict[str, Any]) -> MemoryWatch:
+        depths = (c["depth_records"] for c in report["spool"]["consumers"].values())
+        after, self.handing_over = observe(before, rss_mb(), depths,
+                                           self.config.recycle_growth_mb)
+        if self.handing_over:
+            log.info("telemetry worker: %.0f MB after a backlog of %d readings drained, %.0f "
+                     "MB before it; handing over to a fresh worker to give the memory back",
+                     after.quiet_rss_mb, before.peak_backlog, before.quiet_rss_mb)
+        return after
 
     def _rules_consumer(self, spool: Spool, database: LocalDb,
                         client: Callable[[], IngestClient | None], memo: ReadingMemo

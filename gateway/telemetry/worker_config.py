@@ -65,6 +65,7 @@ class WorkerConfig:
     spool_max_bytes: int = 512 << 20
     fsync_interval_s: float = 1.0
     local_retention_days: int = 30
+    recycle_growth_mb: float = 8.0
     devices: tuple[DeviceEntry, ...] = ()
     influxdb: InfluxTarget | None = None
     rule_files: tuple[str, ...] = ()
@@ -88,6 +89,7 @@ class WorkerConfig:
             spool_max_bytes=config.telemetry.spool_max_bytes,
             fsync_interval_s=config.telemetry.fsync_interval_s,
             local_retention_days=config.telemetry.local_retention_days,
+            recycle_growth_mb=config.telemetry.worker_recycle_mb,
             devices=tuple(DeviceEntry(d.device_id, d.kind, d.building, d.is_modbus)
                           for d in config.devices),
             influxdb=None if influx is None else InfluxTarget(
