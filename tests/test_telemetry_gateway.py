@@ -106,7 +106,11 @@ async def test_readyz_names_an_influxdb_that_cannot_be_reached(
 
 
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # a worker that just handed over to a fresh one (gateway.telemetry.recycle)
+        return 0.0
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
