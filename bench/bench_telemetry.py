@@ -97,13 +97,14 @@ def peer_sub_rate(broker: Mosquitto, lines: Path) -> float:
 
 def worker_ingest_rate(broker: Mosquitto, lines: Path) -> float:
     """The worker's own count (health report `ingest.messages`) across the same window."""
-    reports: list[tuple[float, int]] = []
+    reports: list[tuple[float, int, int]] = []
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     def on_message(_c: Any, _u: Any, message: Any) -> None:
         report = json.loads(message.payload)
-        reports.append((time.monotonic(), int(report["ingest"]["messages"])))
+        reports.append((time.monotonic(), int(report["ingest"]["messages"]),
+                        int(report["pid"])))
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
     client.on_message = on_message
@@ -118,7 +119,8 @@ def worker_ingest_rate(broker: Mosquitto, lines: Path) -> float:
     client.loop_stop()
     window = [r for r in reports if started + 1.0 <= r[0] <= started + WINDOW_S + 2.5]
     assert len(window) >= 2, reports
-    (t0, n0), (t1, n1) = window[0], window[-1]
+    assert len({pid for _, _, pid in window}) == 1, f"a worker hand-over in the window: {window}"
+    (t0, n0, _), (t1, n1, _) = window[0], window[-1]
     return (n1 - n0) / (t1 - t0)
 
 
@@ -154,12 +156,10 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in found]
 
 
-def wait_until_drained(broker: Mosquitto, *, sinks_too: bool = False) -> set[int]:
-    """The flood left a backlog at the broker; the steady phase starts once it is ingested.
-
-    `sinks_too`: also until every sink has caught up, and through the worker's hand-over to
-    a fresh process if it makes one (gateway.telemetry.recycle): three reports in a row of a
-    worker online, idle and caught up. Returns the worker pids seen."""
+def wait_until_drained(broker: Mosquitto) -> set[int]:
+    """Until the flood's backlog is ingested, every sink has caught up, and the worker's
+    hand-over to a fresh process is done if it makes one (gateway.telemetry.recycle): three
+    reports in a row of a worker online, idle and caught up. Returns the worker pids seen."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -174,7 +174,7 @@ def wait_until_drained(broker: Mosquitto, *, sinks_too: bool = False) -> set[int
         if float(report["ingest"]["msg_per_s"]) > 50:
             return False
         depths = [c["depth_records"] for c in report["spool"]["consumers"].values()]
-        return not sinks_too or (report["online"] and max(depths) <= CAUGHT_UP_RECORDS)
+        return bool(report["online"]) and max(depths) <= CAUGHT_UP_RECORDS
 
     deadline = time.monotonic() + 300
     while len(reports) < 3 or not all(settled(r) for r in reports[-3:]):
@@ -323,8 +323,9 @@ async def main(count: int, rounds: int, seconds: float, idle_requests: int) -> d
             for flood_lines in floods:  # the peer and the worker in turn, on one flood each
                 peer = peer_sub_rate(broker, flood_lines)
                 ours = await asyncio.to_thread(worker_ingest_rate, broker, flood_lines)
-                workers |= await asyncio.to_thread(wait_until_drained, broker,
-                                                   sinks_too=flood_lines == floods[-1])
+                # Each round from a settled worker: a hand-over after the drain would reset
+                # the counts the next round's window reads.
+                workers |= await asyncio.to_thread(wait_until_drained, broker)
                 ingest.append((ours, peer))
             # Idle right before the load it is compared with: the same machine minutes apart
             # differed by 40 % in p99 (5.7 against 7.9 ms).

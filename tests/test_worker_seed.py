@@ -14,8 +14,8 @@ from device_drivers.vocabulary import Reading
 from gateway.telemetry.ingest import Ingest
 from gateway.telemetry.records import encode_reading
 from gateway.telemetry.spool import Spool
-from gateway.telemetry.spool_format import list_segments
-from gateway.telemetry.worker_seed import CHUNK_BYTES, TAIL_BYTES, seed_from_spool
+from gateway.telemetry.spool_format import SCAN_CHUNK_BYTES, list_segments
+from gateway.telemetry.worker_seed import TAIL_BYTES, seed_from_spool
 
 DEVICES = {"m-1": "meter", "m-2": "meter"}
 
@@ -58,11 +58,11 @@ def test_each_devices_last_seq_comes_back_across_a_segment_just_started(tmp_path
 
 
 def test_a_record_larger_than_a_read_chunk_is_read_past(tmp_path: Path) -> None:
-    big = {f"metric_{i}": float(i) for i in range(CHUNK_BYTES // 12)}
+    big = {f"metric_{i}": float(i) for i in range(SCAN_CHUNK_BYTES // 12)}
     with Spool(tmp_path, ["local"], max_bytes=64 << 20) as spool:
         spool.append([_record("m-1", 10), _record("m-2", 10, big), _record("m-1", 20)])
         max_record = spool.max_record_bytes
-    assert len(_record("m-2", 10, big)) > CHUNK_BYTES
+    assert len(_record("m-2", 10, big)) > SCAN_CHUNK_BYTES
     ingest = _seeded(tmp_path, max_record)
     assert _answers(ingest, "m-2", 10) == "duplicate" and _answers(ingest, "m-1", 20) == "duplicate"
     assert _answers(ingest, "m-2", 11) == "new"
