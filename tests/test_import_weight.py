@@ -34,3 +34,21 @@ def test_the_telemetry_worker_does_not_import_the_gateways_web_and_metrics_stack
                     ("httpx", "rich", "click", "prometheus_client", "fastapi", "uvicorn",
                      "argon2", "sqlalchemy", "pydantic", "gateway.config", "psycopg",
                      "alembic")) == []
+
+
+def test_scgw_run_does_not_mount_the_operator_tools_or_the_simulators() -> None:
+    """The one long-lived command pays only for itself (1.3 MB of the gateway's RSS); any
+    other command line mounts them all, as does an import by a test or a tool."""
+    heavy = ("simulators.demo.cli", "simulators.simulate.cli", "gateway.app.cli_audit",
+             "gateway.app.cli_users", "gateway.access.importer")
+    probe = (f"import sys; sys.argv = ['scgw', *sys.argv[1:]]; import gateway.app.cli; "
+             f"print(','.join(sorted(m for m in {heavy!r} if m in sys.modules)))")
+
+    def loaded(*args: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True,
+                              text=True, timeout=120, check=True)
+        return [name for name in done.stdout.strip().split(",") if name]
+
+    assert loaded("run", "--config", "site.yaml") == []
+    assert loaded("audit", "verify") == sorted(heavy)
+    assert imported("gateway.app.cli", heavy) == sorted(heavy)

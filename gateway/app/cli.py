@@ -174,7 +174,18 @@ def _mount_subcommands() -> None:
         register(app)
 
 
-_mount_subcommands()
+def _invoked_command(argv: list[str]) -> str | None:
+    """The sub-command of this process's command line, if it is `scgw` (or `python -m`)."""
+    program = Path(argv[0]).name if argv else ""
+    if program not in ("scgw", "cli.py"):  # the console script, `python -m gateway.app.cli`
+        return None  # imported by a test or a tool: everything is mounted
+    return next((arg for arg in argv[1:] if not arg.startswith("-")), None)
+
+
+# `scgw run` is the one long-lived command: it does not pay for the operator tools and the
+# simulators' commands (2 MB of the gateway's resident memory, docs/benchmarks.md).
+if _invoked_command(sys.argv) != "run":
+    _mount_subcommands()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
