@@ -167,9 +167,13 @@ class TelemetryWorker:
     """Owns the spool, the MQTT client and the sink threads of one worker run."""
 
     def __init__(self, config: WorkerConfig, *, fast_path: bool = True,
-                 health_every_s: float = HEALTH_EVERY_S, retry_max_s: float = 30.0) -> None:
+                 health_every_s: float = HEALTH_EVERY_S, retry_max_s: float = 30.0,
+                 may_hand_over: bool = False) -> None:
         self.config, self.fast_path, self.health_every_s = config, fast_path, health_every_s
         self.retry_max_s = retry_max_s
+        # Only as a process of its own: in-process (tests), the RSS is the host's and nobody
+        # would start the next worker.
+        self.may_hand_over = may_hand_over
         self.site, self.root = config.site_id, config.mqtt.root
         self.topic = health_topic(self.root, self.site)
         self.ingest = Ingest({d.device_id: d.kind for d in config.devices})
@@ -370,7 +374,8 @@ class TelemetryWorker:
                     next_health = time.monotonic() + self.health_every_s
                     report = self.health(spool, client, local, writer)
                     self._publish(client, report)
-                    watch = self._watch_memory(watch, report)
+                    if self.may_hand_over:
+                        watch = self._watch_memory(watch, report)
                 self._wake.wait(min(0.2, max(0.0, next_health - time.monotonic())))
         finally:
             self._stopping = True  # from here on a disconnect is expected
@@ -464,9 +469,11 @@ class TelemetryWorker:
             writer.transport.close()
 
 
-def run_worker(config: WorkerConfig, stop: threading.Event | None = None) -> int:
-    """Run the worker until `stop` is set; the process exit code (0 orderly, 1 failed)."""
-    return TelemetryWorker(config).run(stop or threading.Event())
+def run_worker(config: WorkerConfig, stop: threading.Event | None = None, *,
+               may_hand_over: bool = False) -> int:
+    """Run the worker until `stop` is set; the process exit code (0 orderly, 1 failed,
+    RECYCLE_EXIT handed over)."""
+    return TelemetryWorker(config, may_hand_over=may_hand_over).run(stop or threading.Event())
 
 
 def _lower_priority() -> None:
@@ -525,7 +532,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        return run_worker(config, stop)
+        return run_worker(config, stop, may_hand_over=True)
     except RuleFileError as exc:  # `scgw run` checks first; a file edited since is caught here
         log.error("telemetry worker: the rule files have problems: %s", "; ".join(exc.problems))
         return 2
