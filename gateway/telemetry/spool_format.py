@@ -84,28 +84,39 @@ def frame(payload: bytes, now: float) -> bytes:
     return head + CRC.pack(zlib.crc32(payload, zlib.crc32(head))) + payload
 
 
-def parse(data: bytes, limit: int, max_len: int) -> tuple[list[bytes], list[float], int, bool]:
-    """Records framed in `data`: (payloads, append times, bytes used, hit a bad record).
+CUT, BAD = 0, -1  # what `record_end` says of a record cut off by the data's end, or broken
 
-    A record cut off by the end of `data` is not "bad" here: the caller knows whether `data`
-    ended at the end of what was written (torn tail) or at its own read limit.
-    """
+
+def record_end(data: bytes | memoryview, pos: int, end: int, max_len: int) -> int:
+    """Where the record framed at `pos` ends in `data[:end]`: CUT if it goes past `end`
+    (the caller knows whether that is a torn tail or its own read limit), BAD if its
+    length is impossible or its CRC fails. The one definition of a valid record."""
+    length: int = HEAD.unpack_from(data, pos)[0]
+    if not 0 < length <= max_len:
+        return BAD
+    body = pos + HEADER_BYTES
+    if body + length > end:
+        return CUT
+    if CRC.unpack_from(data, pos + HEAD.size)[0] != zlib.crc32(
+            data[body:body + length], zlib.crc32(data[pos:pos + HEAD.size])):
+        return BAD
+    return body + length
+
+
+def parse(data: bytes, limit: int, max_len: int) -> tuple[list[bytes], list[float], int, bool]:
+    """Records framed in `data`: (payloads, append times, bytes used, hit a bad record)."""
     payloads: list[bytes] = []
     times: list[float] = []
-    pos, end, unpack, crc = 0, len(data), HEAD.unpack_from, zlib.crc32
+    pos, end = 0, len(data)
     while len(payloads) < limit and pos + HEADER_BYTES <= end:
-        length, appended = unpack(data, pos)
-        if not 0 < length <= max_len:
+        stop = record_end(data, pos, end, max_len)
+        if stop == BAD:
             return payloads, times, pos, True
-        body = pos + HEADER_BYTES
-        if body + length > end:
+        if stop == CUT:
             break
-        if CRC.unpack_from(data, pos + HEAD.size)[0] != crc(data[body:body + length],
-                                                     crc(data[pos:pos + HEAD.size])):
-            return payloads, times, pos, True
-        payloads.append(data[body:body + length])
-        times.append(appended)
-        pos = body + length
+        payloads.append(data[pos + HEADER_BYTES:stop])
+        times.append(HEAD.unpack_from(data, pos)[1])
+        pos = stop
     return payloads, times, pos, False
 
 
@@ -142,21 +153,17 @@ def scan(path: Path, max_len: int, visit: RecordVisitor | None = None,
                 handle.seek(valid)
                 got = handle.readinto(data)
             pos = 0
-            with memoryview(data) as view:
+            with memoryview(data) as view:  # slices of a view copy nothing
                 while pos + HEADER_BYTES <= got:
-                    length = HEAD.unpack_from(data, pos)[0]
-                    body = pos + HEADER_BYTES
-                    if not 0 < length <= max_len:
+                    stop = record_end(view, pos, got, max_len)
+                    if stop == BAD:
                         return count, valid + pos
-                    if body + length > got:
+                    if stop == CUT:
                         break
-                    if CRC.unpack_from(data, pos + HEAD.size)[0] != zlib.crc32(
-                            view[body:body + length], zlib.crc32(view[pos:pos + HEAD.size])):
-                        return count, valid + pos
                     if visit is not None:
-                        visit(data, body, body + length)
+                        visit(data, pos + HEADER_BYTES, stop)
                     count += 1
-                    pos = body + length
+                    pos = stop
             if pos == 0:  # a record cut off by the end of the file: a torn tail
                 return count, valid
             valid += pos
