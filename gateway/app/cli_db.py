@@ -19,6 +19,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -210,18 +211,32 @@ def users_of(url: str) -> list[str]:
             rows = conn.execute(text(
                 "SELECT pid, coalesce(application_name, ''), coalesce(client_addr::text, "
                 "'local') FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid()")).all()
+                # not autovacuum, which visits a fresh database and is no user of it
+                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")).all()
     finally:
         engine.dispose()
     return [f"session {pid} ({app or 'no name'} from {addr})" for pid, app, addr in rows]
+
+
+CLOSING_GRACE_S = 3.0
+
+
+def _users_after_grace(url: str) -> list[str]:
+    """Users still there after a short wait: a gateway stopped a moment ago leaves
+    PostgreSQL backends (and our own check's) exiting for some milliseconds, and an operator
+    who just ran `systemctl stop scgw` should not be told to stop it again."""
+    deadline = time.monotonic() + CLOSING_GRACE_S
+    while (users := users_of(url)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return users
 
 
 def restore_database(url: str, file: Path, *, force: bool = False) -> str:
     """Replace the database at `url` with the backup `file`; returns its revision."""
     revision = backup_revision(file)
     _check_known(revision, url)
-    users = users_of(url)
-    if users and not force:
+    users = _users_after_grace(url) if not force else []
+    if users:
         raise BackupError(
             f"{db.display_url(url)} is in use by {'; '.join(users)}: stop the gateway "
             "(systemctl stop scgw) first, or pass --force")

@@ -54,6 +54,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
+    if "application_name" not in make_url(url).query:  # names us in pg_stat_activity
+        kwargs["connect_args"] = {"application_name": "scgw", **kwargs.get("connect_args", {})}
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
 
