@@ -29,6 +29,7 @@ from gateway.config import SiteConfig
 from gateway.store.db import upgrade
 from gateway.telemetry import worker as worker_module
 from gateway.telemetry.rollups import minute_of
+from gateway.telemetry.spool_ingest import SpoolIngestor
 from gateway.telemetry.worker import TelemetryWorker, run_worker
 from gateway.telemetry.worker_config import WorkerConfig
 from simulators.demo.broker import Mosquitto
@@ -418,12 +419,12 @@ def test_a_dead_ingest_thread_ends_the_worker_and_the_reading_comes_again(
     """The spool refusing an append kills paho's thread before the PUBACK: exit 1, and the
     broker keeps the reading for the restarted worker."""
     config = site_config(mosquitto, tmp_path, ["m-01"])
-    real_flush = worker_module.SpoolIngestor.flush
+    real_flush = SpoolIngestor.flush
 
-    def failing_flush(self: worker_module.SpoolIngestor) -> None:
+    def failing_flush(self: SpoolIngestor) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(worker_module.SpoolIngestor, "flush", failing_flush)
+    monkeypatch.setattr(SpoolIngestor, "flush", failing_flush)
     result: list[int] = []
     view = WorkerConfig.from_site(config)
     thread = threading.Thread(target=lambda: result.append(run_worker(view)), name="worker")
@@ -433,6 +434,6 @@ def test_a_dead_ingest_thread_ends_the_worker_and_the_reading_comes_again(
         client.reading("m-01", 1)
         thread.join(timeout=30)
         assert result == [1]
-        monkeypatch.setattr(worker_module.SpoolIngestor, "flush", real_flush)
+        monkeypatch.setattr(SpoolIngestor, "flush", real_flush)
         with worker_thread(config):
             wait_until(lambda: store_counts(config) == {"m-01": 1}, 30, "the redelivery")
