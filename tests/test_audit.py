@@ -185,6 +185,24 @@ async def test_failed_writes_are_retried_and_nothing_is_lost_or_doubled(engine: 
     assert check(engine).ok
 
 
+async def test_a_decisions_own_failed_write_is_retried_by_the_writer_and_closed_with_it(
+    engine: Engine,
+) -> None:
+    audit = AuditLog(engine, flush_interval_s=0.01, retry_max_s=0.05)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE audit_log RENAME TO audit_log_away"))
+    async with audit:
+        assert await audit.commit(entry(0)) is None  # not recorded in time: from memory
+        async with asyncio.timeout(20):
+            while audit.write_errors < 1:  # the writer has the batch now
+                await asyncio.sleep(0.01)
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE audit_log_away RENAME TO audit_log"))
+    left = asyncio.all_tasks() - {asyncio.current_task()}
+    assert left == set()  # nothing the audit log started outlives it
+    assert count(engine) == 1 and check(engine).ok
+
+
 async def test_shutdown_with_the_database_gone_says_how_much_was_not_written(
     engine: Engine,
 ) -> None:

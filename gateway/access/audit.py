@@ -75,7 +75,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from device_drivers.supervision import ComponentTasks, SupervisedTask, Supervisor
+from device_drivers.supervision import ComponentTasks, RequestTasks, SupervisedTask, Supervisor
 from gateway.access import spent
 from gateway.access.audit_spill import SpillFile, leftovers
 from gateway.access.presence import HEARTBEAT_S, gateway_uptime
@@ -500,7 +500,8 @@ class AuditLog:
         self._lock = asyncio.Lock()
         self._spilling = asyncio.Lock()
         self._inflight: asyncio.Future[list[Committed]] | None = None
-        self._helpers: set[asyncio.Future[None]] = set()  # see _kick
+        # Writes a decision starts itself (see _kick); closed with the component.
+        self._helpers = RequestTasks("audit", limit=4)
         self._tasks = ComponentTasks(supervisor, "audit")
         self._writer: SupervisedTask | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -622,17 +623,19 @@ class AuditLog:
         """Start writing now if the writer is idle, rather than waiting for its task to be
         scheduled: one event-loop turn less on every decision."""
         if self._inflight is None and not self._lock.locked() and self._executor is not None:
-            # A short-lived helper of the supervised writer task, not a component of its own:
-            # held here (the loop keeps only weak references) and its failure handed to
-            # the writer, which retries, backs off and spills.
-            task = asyncio.ensure_future(self._write_batch())
-            self._helpers.add(task)
-            task.add_done_callback(self._kicked)
+            # A short helper of the supervised writer, held by the component and awaited
+            # when it closes; its failure goes to the writer.
+            self._helpers.start(self._write_now(), name="audit-write-now")
 
-    def _kicked(self, task: asyncio.Future[None]) -> None:
-        self._helpers.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self._wake.set()  # the writer takes it from here: retries, backs off, spills
+    async def _write_now(self) -> None:
+        try:
+            await self._write_batch()
+        except Exception as exc:
+            # The waiting decision has its answer already (the write's failure settled it);
+            # the writer takes the batch from here: retries, backs off, spills, and logs.
+            log.debug("audit: a decision's own write failed (%s); the writer retries",
+                      type(exc).__name__)
+            self._wake.set()
 
     async def record_decision_durably(
         self, device_id: str, device_kind: str, decision: DecisionLike, now: float,
@@ -669,6 +672,10 @@ class AuditLog:
                 await writer.join()  # the writer drains what is pending, then returns
         finally:
             self._closed = True
+            await self._helpers.close()
+            if self._syncing is not None:  # left behind by a writer that was cancelled
+                with contextlib.suppress(Exception):
+                    await self._syncing
             await self._tasks.stop()
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
@@ -721,7 +728,8 @@ class AuditLog:
                     # Beside the writer, not in its way: the next batch need not wait. Held in
                     # `_syncing` and awaited before the spill is cleared; it logs its own
                     # failures and marks the WAL unsynced for the next interval.
-                    self._syncing = asyncio.ensure_future(asyncio.to_thread(self._sync_logged))
+                    self._syncing = asyncio.create_task(
+                        asyncio.to_thread(self._sync_logged), name="audit-wal-sync")
                 if spill_done and self._syncing is not None:
                     await self._syncing  # what the spill file holds is on disk for good
                 if spill_done and self._spill is not None:
